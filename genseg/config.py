@@ -1,0 +1,187 @@
+"""One frozen dataclass per job.
+
+``asdict(cfg)`` is the Ray ``train_loop_config``, the MLflow params, and is stored in every
+checkpoint.  CLI flags and YAML presets override fields *by name*; unknown names and values of
+the wrong type are rejected with one clear message (:class:`ConfigError`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown field or holds a bad value."""
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    """Training config of ``genseg train seg``."""
+
+    # model
+    arch: str = "fcn8s"                  # fcn32s | fcn16s | fcn8s
+    backbone: str = "compact"            # compact | resnet18 | resnet34 | resnet50
+    width: int = 32                      # base channel width of the compact backbone
+    upsample: str = "learned"            # learned (transposed conv) | bilinear
+    num_classes: int = 6                 # filled from the shard manifest when left at 0
+    ignore_index: int = 255
+    # loss
+    loss: str = "ce"                     # ce | dice | ce_dice
+    class_weights: tuple[float, ...] | None = None   # one per class; None = uniform
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 8                  # per worker
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"             # adamw | sgd
+    schedule: str = "poly"               # poly | cosine | constant
+    warmup_epochs: float = 0.0
+    # augmentation (applied jointly to image and mask on the fly)
+    crop: tuple[int, int] | None = None  # (H, W) training crop; None = shard size
+    scale_min: float = 0.75
+    scale_max: float = 1.25
+    hflip: bool = True
+    # evaluation / logging
+    infer_scale: float = 1.0             # run the model at this scale, resize logits back
+    image_every: int = 2                 # log an image | truth | prediction picture every N epochs
+    seed: int = 0
+    # hardware
+    amp: str = "bf16"                    # precision under --gpu: bf16 | fp16 | none
+    threads_per_worker: int = 0          # torch intra-op threads per worker; 0 = leave as is
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "arch", ("fcn32s", "fcn16s", "fcn8s"))
+        _check_choice(self, "upsample", ("learned", "bilinear"))
+        _check_choice(self, "loss", ("ce", "dice", "ce_dice"))
+        _check_choice(self, "optimizer", ("adamw", "sgd"))
+        _check_choice(self, "schedule", ("poly", "cosine", "constant"))
+        _check_choice(self, "amp", ("bf16", "fp16", "none"))
+        for name in ("epochs", "batch_size", "width"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"config field 'lr' must be > 0, got {self.lr}")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ConfigError("config fields 'scale_min'/'scale_max' need 0 < scale_min <= scale_max")
+        if self.class_weights is not None and self.num_classes and len(self.class_weights) != self.num_classes:
+            raise ConfigError(
+                f"config field 'class_weights' has {len(self.class_weights)} values "
+                f"but num_classes is {self.num_classes}")
+
+
+def _check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(f"config field '{name}' must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Convert ``value`` (from YAML, JSON or a ``--set k=v`` string) to the field's type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, inner[0], value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("x", ",").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{name}' needs a list, got {value!r}")
+        elem = args[0]
+        if len(args) != 2 or args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config field '{name}' needs {len(args)} values, got {value!r}")
+        return tuple(_coerce(name, elem, v) for v in value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field '{name}' expects {getattr(hint, '__name__', hint)}, got {value!r}") from None
+    return value
+
+
+def replace(cfg: Any, overrides: Mapping[str, Any]) -> Any:
+    """Return ``cfg`` with fields overridden by name; unknown names raise :class:`ConfigError`."""
+    hints = typing.get_type_hints(type(cfg))
+    known = {f.name for f in fields(cfg)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) {', '.join(unknown)} for {type(cfg).__name__}; "
+            f"known fields: {', '.join(sorted(known))}")
+    values = {k: _coerce(k, hints[k], v) for k, v in overrides.items()}
+    return dataclasses.replace(cfg, **values)
+
+
+def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    return replace(cls(), data)
+
+
+def asdict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_yaml(cls: type, path: str | Path, base: Any | None = None) -> Any:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value")
+    try:
+        return replace(base if base is not None else cls(), data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["lr=0.1", "crop=64x64"]`` -> ``{"lr": "0.1", "crop": "64x64"}``."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects field=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps({"type": type(cfg).__name__, "fields": asdict(cfg)}, indent=2, sort_keys=True)
+
+
+CONFIGS: dict[str, type] = {"SegConfig": SegConfig}
+
+
+def from_json(text: str) -> Any:
+    data = json.loads(text)
+    cls = CONFIGS.get(data.get("type", ""))
+    if cls is None:
+        raise ConfigError(f"unknown config type {data.get('type')!r}")
+    return from_dict(cls, data["fields"])

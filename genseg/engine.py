@@ -1,0 +1,169 @@
+"""Segmentation training and evaluation as plain functions (no Ray in here).
+
+The Ray Train worker loop in ``jobs/train_seg.py`` wires data, these steps, checkpoints and
+``ray.train.report``; a plain-PyTorch script or a test can call the same functions.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from genseg.data.shards import decode_batch
+from genseg.data.transforms import to_tensors, train_transforms
+from genseg.losses import get_loss
+from genseg.metrics import ConfusionMatrix
+
+# ---------------------------------------------------------------- optimisation registries
+
+OPTIMIZERS: dict[str, Callable] = {
+    "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+    "sgd": lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=0.9,
+                                               weight_decay=cfg.weight_decay, nesterov=True),
+}
+
+SCHEDULES: dict[str, Callable[[float], float]] = {   # progress in [0, 1] -> LR factor
+    "poly": lambda p: (1 - min(p, 1.0)) ** 0.9,
+    "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * min(p, 1.0))),
+    "constant": lambda p: 1.0,
+}
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.optimizer](model.parameters(), cfg)
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR factor; total steps come from ``cfg.epochs`` so resuming with more epochs
+    stretches the schedule instead of restarting it."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    shape = SCHEDULES[cfg.schedule]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return shape((step - warmup) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def class_weights(cfg) -> torch.Tensor | None:
+    return torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
+
+
+# ---------------------------------------------------------------- data
+
+def train_batches(batches: Iterable[dict], cfg, crop: tuple[int, int], rng: random.Random
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Columnar shard batches -> augmented ``images (B, 3, h, w)``, ``masks (B, h, w)``."""
+    tf = train_transforms(crop, cfg.scale_min, cfg.scale_max, cfg.hflip, cfg.ignore_index)
+    for batch in batches:
+        pairs = [tf(*to_tensors(img, mask), rng) for img, mask in decode_batch(batch)]
+        yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def eval_samples(batches: Iterable[dict], rank: int = 0, world: int = 1
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every ``world``-th sample (offset ``rank``) as ``(image (3, H, W), mask (H, W))``."""
+    i = 0
+    for batch in batches:
+        for img, mask in decode_batch(batch):
+            if i % world == rank:
+                yield to_tensors(img, mask)
+            i += 1
+
+
+# ---------------------------------------------------------------- steps
+
+def autocast(device: torch.device, amp: str):
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def train_one_epoch(model, optimizer, scheduler, batches: Iterable, cfg, device: torch.device,
+                    scaler: "torch.amp.GradScaler | None" = None, max_steps: int | None = None) -> dict:
+    """One pass over ``batches``; returns mean loss, samples, seconds and the last LR."""
+    model.train()
+    loss_fn = get_loss(cfg.loss)
+    weight = class_weights(cfg)
+    total, samples, steps = 0.0, 0, 0
+    start = time.perf_counter()
+    for images, masks in batches:
+        if max_steps is not None and steps >= max_steps:
+            break
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            logits = model(images)
+        loss = loss_fn(logits.float(), masks, weight, cfg.ignore_index)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.item() * images.shape[0]
+        samples += images.shape[0]
+        steps += 1
+    seconds = time.perf_counter() - start
+    return {"train_loss": total / max(1, samples), "samples": samples, "steps": steps,
+            "seconds": seconds, "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def predict_logits(model, image: torch.Tensor, out_size: tuple[int, int], infer_scale: float = 1.0,
+                   device: torch.device | str = "cpu", amp: str = "none") -> torch.Tensor:
+    """``image (B, 3, H, W)`` -> logits ``(B, K, *out_size)``.
+
+    The model runs at ``infer_scale`` times the image size; the *logits* are resized to the
+    label's own size before any argmax (the evaluation protocol)."""
+    device = torch.device(device)
+    x = image.to(device)
+    if infer_scale != 1.0:
+        h, w = x.shape[-2:]
+        x = F.interpolate(x, size=(max(1, round(h * infer_scale)), max(1, round(w * infer_scale))),
+                          mode="bilinear", align_corners=False)
+    with autocast(device, amp):
+        logits = model(x)
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) != tuple(out_size):
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+    return logits
+
+
+@torch.no_grad()
+def evaluate(model, samples: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+             ignore_index: int = 255, infer_scale: float = 1.0, device="cpu", amp: str = "none",
+             keep: int = 0) -> tuple[ConfusionMatrix, list]:
+    """Accumulate a confusion matrix over ``(image (3, H, W), mask (H, W))`` samples.
+
+    Returns the (local, un-reduced) matrix and the first ``keep`` (image, mask, pred) triples
+    for pictures."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    kept = []
+    for image, mask in samples:
+        logits = predict_logits(model, image[None], tuple(mask.shape), infer_scale, device, amp)
+        pred = logits.argmax(1)[0].cpu()
+        cm.update(pred, mask)
+        if len(kept) < keep:
+            kept.append((image, mask, pred))
+    return cm, kept
+
+
+def set_seed(seed: int) -> random.Random:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return random.Random(seed)

@@ -1,0 +1,1 @@
+from genseg.metrics.segmentation import ConfusionMatrix  # noqa: F401

@@ -1,0 +1,42 @@
+"""Pictures for people: class-coloured masks and image | truth | prediction strips."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from genseg.data.classes import colorize
+from genseg.data.transforms import denormalize
+
+
+def triptych(image, mask, pred, palette, ignore_index: int = 255, gap: int = 2) -> np.ndarray:
+    """Rows of ``image | ground truth | prediction`` for each (image, mask, pred) triple.
+
+    ``image`` is a normalised ``(3, H, W)`` tensor or ``(H, W, 3)`` uint8, masks ``(H, W)``."""
+    img = image if isinstance(image, np.ndarray) else denormalize(image)
+    m = np.asarray(mask)
+    p = np.asarray(pred)
+    h, w = m.shape
+    out = np.full((h, 3 * w + 2 * gap, 3), 255, np.uint8)
+    out[:, :w] = img
+    out[:, w + gap: 2 * w + gap] = colorize(m, palette, ignore_index)
+    out[:, 2 * w + 2 * gap:] = colorize(p, palette, ignore_index)
+    return out
+
+
+def stack_rows(rows: list[np.ndarray], gap: int = 2) -> np.ndarray:
+    width = max(r.shape[1] for r in rows)
+    parts = []
+    for r in rows:
+        pad = np.full((r.shape[0], width, 3), 255, np.uint8)
+        pad[:, : r.shape[1]] = r
+        parts += [pad, np.full((gap, width, 3), 255, np.uint8)]
+    return np.concatenate(parts[:-1], axis=0)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path

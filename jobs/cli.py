@@ -1,0 +1,225 @@
+"""The ``genseg`` command line: the user's front door (see docs/architecture contract).
+
+Each subcommand parses flags, resolves the runtime (workdir, MLflow URI, Ray address) and
+calls one function in ``jobs/`` or ``pipelines/``.  Known input problems end as one line on
+stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h < 8 or w < 8:
+            raise ValueError
+        return h, w
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be HxW with both >= 8, e.g. 360x480; got {text!r}") from None
+
+
+def _runtime_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workdir", help="where runs, checkpoints and the MLflow store live "
+                                     "(default ./genseg-runs or $GENSEG_WORKDIR)")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db)")
+    g.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="turn images + masks into Parquet shards (Ray Data)")
+    p.add_argument("--source", choices=("synthetic", "camvid", "folder"), required=True)
+    p.add_argument("--out", required=True, help="output shard directory")
+    p.add_argument("--num", type=int, default=200, help="synthetic: number of scenes")
+    p.add_argument("--seed", type=int, default=0, help="synthetic scenes / folder split seed")
+    p.add_argument("--size", type=_size, help="HxW: synthetic scene size, or resize real data to it")
+    p.add_argument("--root", help="camvid: dataset root")
+    p.add_argument("--splits", default="train,val", help="camvid: comma-separated splits")
+    p.add_argument("--images", help="folder: image directory")
+    p.add_argument("--masks", help="folder: mask directory")
+    p.add_argument("--num-classes", type=int, help="folder: number of classes (default: inferred)")
+    p.add_argument("--palette", help="folder: JSON palette file for RGB colour masks")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="synthetic/folder: share held out as val")
+    p.add_argument("--skip-bad", action="store_true", help="skip and list bad pairs instead of failing")
+    _runtime_flags(p)
+
+    p = sub.add_parser("train", help="train a model on Ray Train")
+    p.add_argument("task", choices=("seg",))
+    p.add_argument("--data", required=True, help="shard directory from `genseg prepare`")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, autocast")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--arch", choices=("fcn32s", "fcn16s", "fcn8s"))
+    p.add_argument("--backbone", choices=("compact", "resnet18", "resnet34", "resnet50"))
+    p.add_argument("--config", help="YAML file of config fields")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any config field, e.g. --set crop=256x256 (repeatable)")
+    p.add_argument("--class-weights", help="none | median-freq | dataset | comma-separated list")
+    p.add_argument("--run-name", help="name of the run; re-use it to resume")
+    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts before giving up")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--json", help="write the run summary here")
+    _runtime_flags(p)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    p.add_argument("task", choices=("seg",))
+    p.add_argument("--model", default="models:/genseg-segmenter@champion",
+                   help="checkpoint dir, MLflow run id or models:/ URI (default: the champion)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--infer-scale", type=float, help="run the model at this scale (default from its config)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="write the figures here")
+    _runtime_flags(p)
+
+    p = sub.add_parser("demo", help="synthetic data -> 2-worker training -> evaluation")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--num", type=int, default=240)
+    p.add_argument("--size", type=_size, default=(64, 96))
+    _runtime_flags(p)
+    return parser
+
+
+def cmd_prepare(args, rt) -> int:
+    from jobs.runtime import init_ray
+    from pipelines import sources
+    from pipelines.prepare import prepare
+
+    if args.source == "synthetic":
+        src = sources.synthetic(args.num, args.size or (128, 160), args.seed, args.val_fraction)
+        size, desc = None, {"source": "synthetic", "num": args.num, "seed": args.seed,
+                            "size": list(args.size or (128, 160))}
+    elif args.source == "camvid":
+        if not args.root:
+            raise UsageError("--source camvid needs --root DIR")
+        splits = [s for s in args.splits.split(",") if s]
+        src = sources.camvid(args.root, splits)
+        size, desc = args.size, {"source": "camvid", "root": str(Path(args.root).resolve()), "splits": splits}
+    else:
+        if not (args.images and args.masks):
+            raise UsageError("--source folder needs --images DIR and --masks DIR")
+        src = sources.folder(args.images, args.masks, args.num_classes, args.palette, args.val_fraction, args.seed)
+        size, desc = args.size, {"source": "folder", "images": str(Path(args.images).resolve()),
+                                 "masks": str(Path(args.masks).resolve())}
+    init_ray(rt)
+    manifest = prepare(src, args.out, size=size, skip_bad=args.skip_bad, num_classes=args.num_classes,
+                       description=desc)
+    counts = ", ".join(f"{s}: {v['count']}" for s, v in manifest["splits"].items())
+    print(f"wrote {args.out}: {counts}; {manifest['num_classes']} classes; sizes {manifest['sizes'][:3]}; "
+          f"{manifest['seconds']:.1f}s")
+    if manifest["skipped"]:
+        print(f"skipped {len(manifest['skipped'])} bad pair(s):")
+        for line in manifest["skipped"][:20]:
+            print(f"  - {line}")
+    return 0
+
+
+def seg_config(args):
+    from genseg import config as config_lib
+    from genseg.config import SegConfig
+
+    cfg = config_lib.load_yaml(SegConfig, args.config) if args.config else SegConfig()
+    over = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                              "arch": args.arch, "backbone": args.backbone}.items() if v is not None}
+    over.update(config_lib.parse_overrides(args.set))
+    return config_lib.replace(cfg, over)
+
+
+def cmd_train(args, rt) -> int:
+    from jobs import train_seg
+    from jobs.runtime import init_ray
+
+    cfg = seg_config(args)
+    if args.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    init_ray(rt)
+    summary = train_seg.run(args.data, cfg, rt, workers=args.workers, gpu=args.gpu, run_name=args.run_name,
+                            max_failures=args.max_failures, class_weights=args.class_weights,
+                            cpus_per_worker=args.cpus_per_worker)
+    reg = summary.get("registered")
+    print(f"run '{summary['run_name']}': epoch {summary['final_epoch'] + 1} done, best val mIoU "
+          f"{100 * summary['best_val_miou']:.2f} (epoch {summary['best_epoch'] + 1})")
+    if reg:
+        print(f"registered {reg['name']} version {reg['version']}"
+              + (" as champion" if reg["champion"] else f" (champion stays version {reg['previous_champion']})"))
+    print(f"best checkpoint: {summary['best_checkpoint']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args, rt) -> int:
+    import tempfile
+
+    from genseg import tracking
+    from jobs import eval_seg
+
+    tracking.setup(rt.workdir, rt.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = tracking.resolve_ref(args.model, "best_checkpoint", dst=tmp)
+        res = eval_seg.run(model_dir, args.data, args.split, args.infer_scale, args.device, args.limit)
+    res["model_ref"] = args.model
+    print(f"{args.model} on {args.data} [{args.split}], {res['images']} images at their own resolution")
+    print(eval_seg.format_table(res))
+    if args.json:
+        eval_seg.write_json(res, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_demo(args, rt) -> int:
+    from jobs import demo
+
+    return demo.run(rt, epochs=args.epochs, num=args.num, size=args.size)
+
+
+class UsageError(ValueError):
+    pass
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def _known_errors() -> tuple[type, ...]:
+    from genseg.checkpoint import CheckpointError
+    from genseg.config import ConfigError
+    from genseg.tracking import RefError
+    from pipelines.prepare import PrepareError
+    from pipelines.sources import SourceError
+
+    return (UsageError, ConfigError, SourceError, PrepareError, RefError, CheckpointError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from jobs.runtime import resolve
+
+    rt = resolve(args.workdir, args.tracking_uri, args.ray_address)
+    known = _known_errors()
+    try:
+        return COMMANDS[args.command](args, rt)
+    except known as exc:
+        print(f"genseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, (UsageError,)) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""``genseg eval seg``: evaluate a segmenter on a shard split at each mask's own resolution."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from genseg import checkpoint as ckpt_lib
+from genseg import engine
+from genseg.data.shards import read_manifest
+from pipelines.shards import iter_split
+
+
+def run(model_dir: Path, data: str, split: str = "val", infer_scale: float | None = None,
+        device: str = "cpu", limit: int | None = None) -> dict:
+    ck = ckpt_lib.load(model_dir)
+    model = ckpt_lib.build_model(ck).to(device)
+    manifest = read_manifest(data)
+    cfg = ck.config
+    if manifest["num_classes"] != cfg.num_classes:
+        raise ValueError(f"{data}: shards have {manifest['num_classes']} classes but the model predicts "
+                         f"{cfg.num_classes}")
+    scale = cfg.infer_scale if infer_scale is None else infer_scale
+    t0 = time.perf_counter()
+    count = [0]
+
+    def counted():
+        for sample in engine.eval_samples(iter_split(data, split, limit=limit)):
+            count[0] += 1
+            yield sample
+
+    cm, _ = engine.evaluate(model, counted(), cfg.num_classes, cfg.ignore_index, scale, device)
+    res = cm.compute()
+    names = manifest["classes"]["names"]
+    return {
+        "model": str(model_dir), "model_epoch": ck.epoch, "data": str(Path(data).resolve()), "split": split,
+        "images": count[0], "pixels": int(cm.mat.sum()),
+        "miou": res["miou"], "pixel_acc": res["pixel_acc"], "mean_acc": res["mean_acc"],
+        "per_class_iou": {n: _clean(v) for n, v in zip(names, res["iou"])},
+        "per_class_acc": {n: _clean(v) for n, v in zip(names, res["class_acc"])},
+        "protocol": {"resolution": "each mask's own", "logits_resized_before_argmax": True,
+                     "ignored_index": cfg.ignore_index, "infer_scale": scale},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _clean(v: float):
+    return None if math.isnan(v) else v
+
+
+def format_table(res: dict) -> str:
+    lines = [f"{'class':<14}{'IoU':>8}{'acc':>8}"]
+    for name, iou in res["per_class_iou"].items():
+        acc = res["per_class_acc"][name]
+        lines.append(f"{name:<14}{_pct(iou):>8}{_pct(acc):>8}")
+    lines.append("-" * 30)
+    lines.append(f"{'mIoU':<14}{_pct(res['miou']):>8}")
+    lines.append(f"{'pixel acc':<14}{_pct(res['pixel_acc']):>8}")
+    lines.append(f"{'mean acc':<14}{_pct(res['mean_acc']):>8}")
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def write_json(res: dict, path: str) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(res, indent=2, allow_nan=False))

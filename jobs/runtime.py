@@ -1,0 +1,46 @@
+"""Connecting to Ray and MLflow with the embedded defaults (architecture.md)."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_WORKDIR = "genseg-runs"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    workdir: Path
+    tracking_uri: str
+    ray_address: str | None
+
+
+def resolve(workdir: str | None, tracking_uri: str | None, ray_address: str | None) -> Runtime:
+    from genseg.tracking import default_tracking_uri
+
+    wd = Path(workdir or os.environ.get("GENSEG_WORKDIR") or DEFAULT_WORKDIR).resolve()
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(wd)
+    return Runtime(wd, uri, ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def init_ray(rt: Runtime, num_cpus: int | None = None) -> None:
+    """Start (or join) Ray.  A local cluster gets logical CPUs beyond the physical cores so a
+    Train run and its Ray Data pipeline both get scheduled on small machines (ray-notes.md)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray Data logs every dataset execution at INFO; a CLI user wants our summary lines only
+    import ray.data  # noqa: F401  (configures its loggers on import; quiet them after)
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if rt.ray_address:
+        ray.init(address=rt.ray_address, logging_level=logging.WARNING)
+        return
+    cpus = num_cpus or int(os.environ.get("GENSEG_NUM_CPUS", 0)) or max(4, 2 * (os.cpu_count() or 1))
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+             configure_logging=True, log_to_driver=True)
