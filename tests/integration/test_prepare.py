@@ -1,0 +1,135 @@
+"""`genseg prepare` on a real local Ray cluster: every source, and the bad-input contract."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from genseg.data.classes import SYNTHETIC
+from genseg.data.shards import decode_row
+from jobs.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def _rows(shards: Path, split: str) -> list[dict]:
+    table = pq.read_table(shards / split)
+    return sorted(table.to_pylist(), key=lambda r: r["name"])
+
+
+def _write_pair(img_dir: Path, mask_dir: Path, name: str, mask: np.ndarray, rgb_mask=None, ext=".png"):
+    img_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    h, w = mask.shape
+    image = np.stack([mask * 20, mask * 10, np.full_like(mask, 99)], -1).astype(np.uint8)
+    Image.fromarray(image).save(img_dir / f"{name}{ext}")
+    Image.fromarray(rgb_mask if rgb_mask is not None else mask.astype(np.uint8)).save(mask_dir / f"{name}.png")
+
+
+def test_synthetic_is_seeded_and_complete(ray_cluster, tmp_path):
+    for out in ("a", "b"):
+        assert main(["prepare", "--source", "synthetic", "--num", "10", "--size", "24x40",
+                     "--seed", "3", "--out", str(tmp_path / out), "--workdir", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["splits"] == {"train": {"count": 8}, "val": {"count": 2}}
+    assert m["num_classes"] == SYNTHETIC.num_classes and m["size"] == [24, 40]
+    assert sum(m["class_pixels"]) == 10 * 24 * 40
+    for split in ("train", "val"):
+        a, b = _rows(tmp_path / "a", split), _rows(tmp_path / "b", split)
+        assert [r["image"] for r in a] == [r["image"] for r in b]    # same seed, same bytes
+        for r in a:
+            img, mask = decode_row(r)
+            assert img.shape == (24, 40, 3) and set(np.unique(mask)) <= set(range(SYNTHETIC.num_classes))
+
+
+def test_camvid_layout_maps_void_to_ignore_and_resizes(ray_cluster, tmp_path):
+    root = tmp_path / "camvid"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(3):
+            mask = rng.integers(0, 12, (30, 40))
+            mask[0, 0] = 11
+            _write_pair(root / split, root / f"{split}annot", f"0001TP_{i:06d}", mask)
+    out = tmp_path / "shards"
+    assert main(["prepare", "--source", "camvid", "--root", str(root), "--out", str(out), "--size", "15x20",
+                 "--workdir", str(tmp_path)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["num_classes"] == 11 and m["classes"]["names"][3] == "road" and m["size"] == [15, 20]
+    masks = [decode_row(r)[1] for r in _rows(out, "train")]
+    values = set(np.unique(np.stack(masks)).tolist())
+    assert 11 not in values and 255 in values and values <= set(range(11)) | {255}
+    assert m["ignored_pixels"] > 0
+
+
+def test_folder_with_rgb_palette_masks(ray_cluster, tmp_path):
+    palette = tmp_path / "palette.json"
+    palette.write_text(json.dumps({"classes": [{"name": "bg", "color": [0, 0, 255]},
+                                               {"name": "fg", "color": [255, 0, 0]}],
+                                   "ignore_colors": [[0, 0, 0]]}))
+    for i in range(4):
+        mask = np.zeros((8, 8), np.int64)
+        mask[2:6, 2:6] = 1
+        rgb = np.zeros((8, 8, 3), np.uint8)
+        rgb[mask == 0] = (0, 0, 255)
+        rgb[mask == 1] = (255, 0, 0)
+        rgb[0, 0] = (0, 0, 0)
+        _write_pair(tmp_path / "img", tmp_path / "msk", f"p{i}", mask, rgb_mask=rgb, ext=".jpg")
+    out = tmp_path / "out"
+    assert main(["prepare", "--source", "folder", "--images", str(tmp_path / "img"), "--masks",
+                 str(tmp_path / "msk"), "--palette", str(palette), "--out", str(out),
+                 "--workdir", str(tmp_path)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["classes"]["names"] == ["bg", "fg"] and m["splits"]["train"]["count"] == 3
+    mask = decode_row(_rows(out, "train")[0])[1]
+    assert mask[0, 0] == 255 and mask[3, 3] == 1 and mask[7, 7] == 0
+
+
+def _bad_folder(tmp_path: Path) -> tuple[Path, Path]:
+    img, msk = tmp_path / "img", tmp_path / "msk"
+    good = np.ones((8, 8), np.int64)
+    for i in range(4):
+        _write_pair(img, msk, f"good{i}", good)
+    (img / "broken.png").write_bytes(b"not a png at all")
+    _write_pair(img, msk, "broken_mask", good)
+    (msk / "broken_mask.png").write_bytes(b"\x89PNG garbage")
+    _write_pair(img, msk, "lonely", good)
+    (msk / "lonely.png").unlink()
+    _write_pair(img, msk, "sizes", good)
+    Image.fromarray(np.ones((5, 8), np.uint8)).save(msk / "sizes.png")
+    _write_pair(img, msk, "range", np.full((8, 8), 9))
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(msk / "broken.png")
+    return img, msk
+
+
+def test_bad_inputs_are_all_named_and_nothing_is_damaged(ray_cluster, tmp_path, capsys):
+    img, msk = _bad_folder(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("an earlier good output")
+    code = main(["prepare", "--source", "folder", "--images", str(img), "--masks", str(msk),
+                 "--num-classes", "3", "--out", str(out), "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "5 bad input file(s)" in err and "Traceback" not in err
+    for name in ("broken.png: unreadable image", "broken_mask.png: unreadable mask", "lonely.png: no mask",
+                 "sizes.png: mask size 8x5 differs", "range.png: label values [9] out of range 0..2"):
+        assert name in err, (name, err)
+    assert (out / "precious.txt").read_text() == "an earlier good output"   # untouched
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]      # no half-written shards
+
+    code = main(["prepare", "--source", "folder", "--images", str(img), "--masks", str(msk),
+                 "--num-classes", "3", "--out", str(out), "--skip-bad", "--workdir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "skipped 5 bad pair(s)" in printed and "range.png" in printed
+    m = json.loads((out / "manifest.json").read_text())
+    assert sum(s["count"] for s in m["splits"].values()) == 4 and len(m["skipped"]) == 5
+    assert not (out / "precious.txt").exists()   # replaced as a whole by the complete new output
+
+
+def test_missing_root_is_one_clear_line(ray_cluster, tmp_path, capsys):
+    code = main(["prepare", "--source", "camvid", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                 "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and err.count("\n") == 0 and "nope does not exist" in err
