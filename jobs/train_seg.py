@@ -6,6 +6,7 @@ run (from its latest checkpoint) and the same MLflow run.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     cfg = config_lib.from_dict(SegConfig, loop_config["cfg"])
     rt = loop_config["runtime"]
+    for name in ("ray.train", "ray.data"):   # per-report INFO lines drown the epoch summaries
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.threads_per_worker:
@@ -90,6 +93,9 @@ def train_loop(loop_config: dict) -> None:
         if rank != 0:
             ray.train.report(metrics)
             continue
+        print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss:.4f}, val mIoU {100 * val['miou']:.2f}, "
+              f"pixel acc {100 * val['pixel_acc']:.2f} ({stats['seconds']:.1f}s train, "
+              f"{metrics['samples_per_s']:.1f} img/s)", flush=True)
         if mlflow_client is not None:
             _log_epoch(mlflow_client, rt, cfg, epoch, metrics, val, kept)
         with tempfile.TemporaryDirectory() as tmp:
