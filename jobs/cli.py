@@ -216,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     except known as exc:
         print(f"genseg {args.command}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, (UsageError,)) else 1
+    except Exception as exc:   # a failed Ray Train run: say why in one line, details are in the log above
+        if type(exc).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+            raise
+        last = [ln for ln in str(exc).splitlines() if ln.strip()]
+        print(f"genseg {args.command}: error: training failed: {last[-1] if last else type(exc).__name__}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -130,6 +130,25 @@ def _log_epoch(client, rt: dict, cfg: SegConfig, epoch: int, metrics: dict, val:
         client.log_image(rt["mlflow_run_id"], picture, f"pictures/epoch_{epoch:03d}.png")
 
 
+MODEL_FIELDS = ("arch", "backbone", "width", "upsample", "num_classes")
+
+
+def _check_resumable(run_dir: Path, cfg: SegConfig, run_name: str) -> None:
+    """A re-run continues the saved weights, so the model it builds must be the same one."""
+    latest = sorted(run_dir.glob("checkpoint_*"))
+    if not latest:
+        return
+    try:
+        saved = ckpt_lib.load(latest[-1]).config
+    except ckpt_lib.CheckpointError:
+        return
+    diff = {f: (getattr(saved, f), getattr(cfg, f)) for f in MODEL_FIELDS if getattr(saved, f) != getattr(cfg, f)}
+    if diff:
+        desc = ", ".join(f"{f}: {a!r} -> {b!r}" for f, (a, b) in diff.items())
+        raise config_lib.ConfigError(f"run '{run_name}' exists with a different model ({desc}); "
+                                     f"resume it with the same settings or pick a new --run-name")
+
+
 def median_frequency_weights(manifest: dict) -> tuple[float, ...]:
     """SegNet's median-frequency balancing from the shard's class pixel histogram."""
     freq = np.asarray(manifest["class_pixels"], dtype=np.float64)
@@ -180,6 +199,7 @@ def run(data: str, cfg: SegConfig, rt, *, workers: int = 2, gpu: bool = False, r
     steps_per_epoch = per_worker // cfg.batch_size
     run_name = run_name or f"seg-{time.strftime('%Y%m%d-%H%M%S')}"
 
+    _check_resumable(rt.workdir / "ray" / run_name, cfg, run_name)
     tracking.setup(rt.workdir, rt.tracking_uri)
     exp_id = tracking.experiment_id(EXPERIMENT, rt.workdir)
     params = {**config_lib.asdict(cfg), "data": str(data_dir), "workers": workers, "gpu": gpu}

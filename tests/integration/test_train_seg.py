@@ -70,3 +70,20 @@ def test_eval_with_unknown_model_ref_fails_cleanly(ray_cluster, tmp_path, capsys
     assert code == 1 and "not found" in err and "Traceback" not in err
     code = main(["train", "seg", "--data", data, "--set", "lr=fast", "--workdir", str(tmp_path)])
     assert code != 0 and "'lr' expects float" in capsys.readouterr().err
+
+
+def test_resume_with_a_different_model_is_refused(ray_cluster, tmp_path, capsys):
+    from genseg import checkpoint as ckl
+    from genseg.config import SegConfig
+    from genseg.models import build_segmenter
+
+    run_dir = tmp_path / "wd" / "ray" / "r"
+    cfg = SegConfig(num_classes=7, width=8)
+    ckl.save(run_dir / "checkpoint_2026-01-01_00-00-00.000000", build_segmenter(cfg), cfg, epoch=0)
+    data = str(tmp_path / "shards")
+    assert main(["prepare", "--source", "synthetic", "--num", "8", "--size", "16x16", "--out", data,
+                 "--workdir", str(tmp_path / "wd")]) == 0
+    code = main(["train", "seg", "--data", data, "--run-name", "r", "--set", "width=16", "--batch-size", "2",
+                 "--workdir", str(tmp_path / "wd")])
+    err = capsys.readouterr().err
+    assert code == 1 and "run 'r' exists with a different model (width: 8 -> 16)" in err
