@@ -74,6 +74,69 @@ class SegConfig:
                 f"but num_classes is {self.num_classes}")
 
 
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Training config of ``genseg train diffusion`` (DDPM, Ho et al. 2020)."""
+
+    # conditioning: "none" (unconditional) or "mask" (one-hot label map as extra input channels)
+    cond: str = "mask"
+    num_classes: int = 0                 # filled from the shard manifest
+    ignore_index: int = 255
+    image_size: tuple[int, int] | None = None   # (H, W) the model is trained at; None = shard size
+    # network: diffusers UNet2DModel
+    channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    attention: bool = False              # self-attention at the lowest resolution
+    # forward process: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
+    schedule: str = "linear"             # linear | scaled_linear | cosine | sigmoid
+    timesteps: int = 1000                # T
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "epsilon"          # epsilon | v_prediction
+    p_uncond: float = 0.1                # condition dropout, for classifier-free guidance
+    ema_decay: float = 0.999
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 16                 # per worker
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    lr_schedule: str = "constant"        # poly | cosine | constant
+    hflip: bool = True
+    # sampling pictures during training
+    sampler: str = "ddim"
+    sample_steps: int = 25
+    guidance: float = 2.0                # w
+    sample_every: int = 5
+    seed: int = 0
+    amp: str = "bf16"
+    threads_per_worker: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "cond", ("none", "mask"))
+        _check_choice(self, "schedule", ("linear", "scaled_linear", "cosine", "sigmoid"))
+        _check_choice(self, "prediction", ("epsilon", "v_prediction"))
+        _check_choice(self, "lr_schedule", ("poly", "cosine", "constant"))
+        _check_choice(self, "amp", ("bf16", "fp16", "none"))
+        _check_choice(self, "sampler", ("ddpm", "ddim", "dpmpp"))
+        for name in ("epochs", "batch_size", "timesteps", "layers_per_block", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError("config fields 'beta_start'/'beta_end' need 0 < beta_start < beta_end < 1")
+        if not 0 <= self.p_uncond < 1:
+            raise ConfigError(f"config field 'p_uncond' must be in [0, 1), got {self.p_uncond}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"config field 'ema_decay' must be in [0, 1), got {self.ema_decay}")
+        if not self.channels or any(c % 8 for c in self.channels):
+            raise ConfigError(f"config field 'channels' needs multiples of 8, got {self.channels}")
+        if self.image_size is not None:
+            f = 2 ** (len(self.channels) - 1)
+            if self.image_size[0] % f or self.image_size[1] % f:
+                raise ConfigError(f"config field 'image_size' {self.image_size} must be divisible by {f} "
+                                  f"for {len(self.channels)} UNet levels")
+
+
 def _check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(cfg, name)
     if value not in choices:
@@ -176,7 +239,7 @@ def to_json(cfg: Any) -> str:
     return json.dumps({"type": type(cfg).__name__, "fields": asdict(cfg)}, indent=2, sort_keys=True)
 
 
-CONFIGS: dict[str, type] = {"SegConfig": SegConfig}
+CONFIGS: dict[str, type] = {"SegConfig": SegConfig, "DiffusionConfig": DiffusionConfig}
 
 
 def from_json(text: str) -> Any:

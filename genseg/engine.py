@@ -39,12 +39,13 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return OPTIMIZERS[cfg.optimizer](model.parameters(), cfg)
 
 
-def make_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step LR factor; total steps come from ``cfg.epochs`` so resuming with more epochs
+def make_scheduler(optimizer, schedule: str, epochs: int, warmup_epochs: float, steps_per_epoch: int
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR factor; total steps come from ``epochs`` so resuming with more epochs
     stretches the schedule instead of restarting it."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    shape = SCHEDULES[cfg.schedule]
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(warmup_epochs * steps_per_epoch)
+    shape = SCHEDULES[schedule]
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -46,7 +46,8 @@ def train_loop(loop_config: dict) -> None:
 
     model = build_segmenter(cfg)
     optimizer = engine.make_optimizer(model, cfg)
-    scheduler = engine.make_scheduler(optimizer, cfg, rt["steps_per_epoch"])
+    scheduler = engine.make_scheduler(optimizer, cfg.schedule, cfg.epochs, cfg.warmup_epochs,
+                                       rt["steps_per_epoch"])
     start_epoch, best = 0, float("-inf")
     resume = ray.train.get_checkpoint()
     if resume:

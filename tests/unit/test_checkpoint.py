@@ -15,7 +15,7 @@ def test_round_trip_weights_config_and_train_state(tmp_path):
     cfg = SegConfig(num_classes=4, width=8, epochs=3)
     model = build_segmenter(cfg)
     opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, steps_per_epoch=5)
+    sched = make_scheduler(opt, cfg.schedule, cfg.epochs, cfg.warmup_epochs, steps_per_epoch=5)
     x = torch.randn(2, 3, 64, 64)
     model(x).sum().backward()
     opt.step()

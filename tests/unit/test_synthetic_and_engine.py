@@ -70,7 +70,7 @@ def test_schedules_and_train_batches():
     cfg = SegConfig(num_classes=7, width=8, epochs=2, lr=1.0, schedule="poly", warmup_epochs=0.5)
     model = build_segmenter(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    sched = engine.make_scheduler(opt, cfg, steps_per_epoch=10)
+    sched = engine.make_scheduler(opt, cfg.schedule, cfg.epochs, cfg.warmup_epochs, 10)
     lrs = []
     for _ in range(20):
         lrs.append(opt.param_groups[0]["lr"])
