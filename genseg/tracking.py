@@ -82,9 +82,10 @@ def flatten(d: dict) -> dict[str, str]:
     return {k: ("None" if v is None else str(list(v) if isinstance(v, tuple) else v))[:500] for k, v in d.items()}
 
 
-def register(run_id: str, artifact_path: str, model_name: str, score_name: str, score: float) -> dict:
+def register(run_id: str, artifact_path: str, model_name: str, score_name: str, score: float,
+             higher_is_better: bool = True) -> dict:
     """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``model_name``; give it
-    the ``champion`` alias when ``score`` beats the current champion's (higher is better)."""
+    the ``champion`` alias when ``score`` beats the current champion's."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -101,7 +102,10 @@ def register(run_id: str, artifact_path: str, model_name: str, score_name: str, 
         current_score = float(current.tags.get(score_name, "nan"))
     except MlflowException:
         current, current_score = None, float("nan")
-    promoted = current is None or not (current_score >= score)   # NaN-safe: NaN never wins
+    if higher_is_better:
+        promoted = current is None or not (current_score >= score)   # NaN-safe: NaN never wins
+    else:
+        promoted = current is None or not (current_score <= score)
     if promoted:
         client.set_registered_model_alias(model_name, CHAMPION, mv.version)
     return {"name": model_name, "version": int(mv.version), "champion": promoted,

@@ -1,0 +1,217 @@
+"""The one training runner behind every ``genseg train <task>``.
+
+Driver side (:func:`run`): read the shard manifest, open (or reopen) the MLflow run, build a
+``TorchTrainer`` over Ray Data shards, fit, then log the final/best checkpoints and register the
+best as a new version of the task's model (taking ``champion`` when it beats the current one).
+Worker side (:class:`WorkerSession`): resume state from the latest checkpoint, log metrics and
+pictures from rank 0, and report each epoch with a checkpoint.  A task supplies only its loop.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from genseg import checkpoint as ckpt_lib
+from genseg import config as config_lib
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str                    # "seg", "diffusion"
+    experiment: str              # MLflow experiment
+    model_name: str              # registered model
+    score: str                   # metric that picks the best checkpoint and the champion
+    higher_is_better: bool
+    loop: Callable[[dict], None]
+    model_fields: tuple[str, ...]   # config fields that must match to resume a run
+
+
+# ------------------------------------------------------------------ worker side
+
+class WorkerSession:
+    """What every worker loop needs from Ray Train and MLflow, in a few obvious lines."""
+
+    def __init__(self, loop_config: dict, cfg_cls: type):
+        for name in ("ray.train", "ray.data"):   # per-report INFO lines drown the epoch summaries
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.cfg = config_lib.from_dict(cfg_cls, loop_config["cfg"])
+        self.rt = loop_config["runtime"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if getattr(self.cfg, "threads_per_worker", 0):
+            torch.set_num_threads(self.cfg.threads_per_worker)
+        self.device = ray.train.torch.get_device()
+        self._client = None
+        if self.rank == 0 and self.rt.get("mlflow_run_id"):
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.rt["tracking_uri"])
+
+    def restore(self, model, optimizer=None, scheduler=None) -> tuple[int, dict]:
+        """Load the latest checkpoint (if any) into the given objects -> (start epoch, meta)."""
+        resume = ray.train.get_checkpoint()
+        if not resume:
+            return 0, {}
+        with resume.as_directory() as d:
+            ck = ckpt_lib.load(d)
+            model.load_state_dict(ck.state_dict)
+            state = ckpt_lib.load_train_state(d) or {}
+            if optimizer is not None and state.get("optimizer"):
+                optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler"):
+                scheduler.load_state_dict(state["scheduler"])
+            meta = dict(ck.meta)
+            meta["extra_state"] = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "epoch")}
+            return int(state.get("epoch", ck.epoch)) + 1, meta
+
+    def mean(self, value: float) -> float:
+        """Average a float over all workers."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item() / dist.get_world_size())
+
+    def log(self, epoch: int, metrics: dict, picture: np.ndarray | None = None, picture_name: str = "") -> None:
+        if self._client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
+              if isinstance(v, (int, float)) and np.isfinite(v)]
+        self._client.log_batch(self.rt["mlflow_run_id"], metrics=ms)
+        if picture is not None:
+            self._client.log_image(self.rt["mlflow_run_id"], picture, picture_name)
+
+    def report(self, epoch: int, metrics: dict, model, optimizer=None, scheduler=None,
+               meta: dict | None = None, extra_state: dict | None = None, extra_weights: dict | None = None) -> None:
+        """``ray.train.report`` on every worker (it is a barrier); rank 0 attaches the checkpoint."""
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "ckpt"
+            ckpt_lib.save(path, model, self.cfg, epoch=epoch, metrics=metrics, classes=self.rt["classes"],
+                          optimizer=optimizer, scheduler=scheduler, extra_meta=meta,
+                          extra_state=extra_state, extra_weights=extra_weights)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)))
+
+
+# ------------------------------------------------------------------ driver side
+
+def check_resumable(task: Task, run_dir: Path, cfg: Any, run_name: str) -> None:
+    """A re-run continues the saved weights, so the model it builds must be the same one."""
+    latest = sorted(run_dir.glob("checkpoint_*"))
+    if not latest:
+        return
+    try:
+        saved = ckpt_lib.load(latest[-1]).config
+    except ckpt_lib.CheckpointError:
+        return
+    if type(saved) is not type(cfg):
+        raise config_lib.ConfigError(f"run '{run_name}' exists for another task ({type(saved).__name__}); "
+                                     f"pick a new --run-name")
+    diff = {f: (getattr(saved, f), getattr(cfg, f)) for f in task.model_fields if getattr(saved, f) != getattr(cfg, f)}
+    if diff:
+        desc = ", ".join(f"{f}: {a!r} -> {b!r}" for f, (a, b) in diff.items())
+        raise config_lib.ConfigError(f"run '{run_name}' exists with a different model ({desc}); "
+                                     f"resume it with the same settings or pick a new --run-name")
+
+
+def check_splits(data_dir: Path, manifest: dict) -> None:
+    for split in ("train", "val"):
+        if split not in manifest["splits"]:
+            raise config_lib.ConfigError(f"{data_dir} has no '{split}' split (has: {', '.join(manifest['splits'])})")
+
+
+def steps_per_epoch(n_train: int, workers: int, batch_size: int) -> int:
+    per_worker = n_train // workers
+    if per_worker < batch_size:
+        raise config_lib.ConfigError(
+            f"{n_train} training images over {workers} workers is fewer than batch_size={batch_size} "
+            f"per worker; lower --batch-size or --workers")
+    return per_worker // batch_size
+
+
+def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict, *, workers: int = 2,
+        gpu: bool = False, run_name: str | None = None, max_failures: int = 0, cpus_per_worker: float = 1.0,
+        register: bool = True, log=print) -> dict:
+    """Fit ``task`` and return a summary (run ids, best score, checkpoint paths, registry outcome)."""
+    from mlflow.tracking import MlflowClient
+
+    from genseg import tracking
+
+    check_splits(data_dir, manifest)
+    run_name = run_name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_resumable(task, rt.workdir / "ray" / run_name, cfg, run_name)
+    tracking.setup(rt.workdir, rt.tracking_uri)
+    exp_id = tracking.experiment_id(task.experiment, rt.workdir)
+    params = {**config_lib.asdict(cfg), "data": str(data_dir), "workers": workers, "gpu": gpu}
+    run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, params, tags={"genseg.job": f"train {task.name}"})
+    log(f"{'resuming' if resumed else 'starting'} {task.name} run '{run_name}' (MLflow run {run_id}), "
+        f"{workers} worker(s), {runtime.get('steps_per_epoch')} steps/epoch")
+
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    trainer = TorchTrainer(
+        task.loop,
+        train_loop_config={"cfg": config_lib.asdict(cfg), "runtime": {
+            **runtime, "classes": manifest["classes"], "mlflow_run_id": run_id, "tracking_uri": rt.tracking_uri}},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name, storage_path=str(rt.workdir / "ray"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=task.score,
+                                               checkpoint_score_order="max" if task.higher_is_better else "min")),
+        datasets={"train": ray.data.read_parquet(str(data_dir / "train")),
+                  # val is small and read whole by every worker each epoch: keep it in memory
+                  "val": ray.data.read_parquet(str(data_dir / "val")).materialize()},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    client = MlflowClient()
+    try:
+        result = trainer.fit()
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    if result.error:
+        client.set_terminated(run_id, status="FAILED")
+        raise RuntimeError(f"training run '{run_name}' failed: {result.error}")
+
+    sign = 1 if task.higher_is_better else -1
+    best_ckpt, best_metrics = max(result.best_checkpoints,
+                                  key=lambda cm: sign * cm[1].get(task.score, -sign * float("inf")))
+    out = rt.workdir / "runs" / run_name
+    with result.checkpoint.as_directory() as d:
+        final_epoch = ckpt_lib.load(d).epoch
+        client.log_artifacts(run_id, d, "checkpoint")
+    with best_ckpt.as_directory() as d:
+        client.log_artifacts(run_id, d, "best_checkpoint")
+        shutil.rmtree(out / "best", ignore_errors=True)
+        shutil.copytree(d, out / "best")
+    summary = {"task": task.name, "run_name": run_name, "mlflow_run_id": run_id, "resumed": resumed,
+               "final_epoch": final_epoch, "best_epoch": int(best_metrics["epoch"]),
+               "score": task.score, "best_score": best_metrics[task.score],
+               "final_metrics": result.metrics, "best_checkpoint": str(out / "best"),
+               "tracking_uri": rt.tracking_uri}
+    done_epoch = client.get_run(run_id).data.tags.get("genseg.registered_epoch")
+    if register and done_epoch != str(final_epoch):
+        summary["registered"] = tracking.register(run_id, "best_checkpoint", task.model_name, task.score,
+                                                  float(best_metrics[task.score]), task.higher_is_better)
+        client.set_tag(run_id, "genseg.registered_epoch", str(final_epoch))
+    client.set_terminated(run_id, status="FINISHED")
+    return summary
