@@ -23,13 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from genseg import config as config_lib
+from genseg.errors import InputError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A directory is not a readable genseg checkpoint."""
 
 

@@ -10,11 +10,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from genseg.errors import InputError
+
 RUN_NAME_TAG = "genseg.run_name"
 CHAMPION = "champion"
 
 
-class RefError(ValueError):
+class RefError(InputError):
     """A model REF that names nothing usable."""
 
 

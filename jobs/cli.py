@@ -14,6 +14,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(p)
 
     p = sub.add_parser("train", help="train a model on Ray Train")
-    p.add_argument("task", choices=("seg",))
+    p.add_argument("task", choices=("seg", "diffusion"))
     p.add_argument("--data", required=True, help="shard directory from `genseg prepare`")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, autocast")
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--arch", choices=("fcn32s", "fcn16s", "fcn8s"))
     p.add_argument("--backbone", choices=("compact", "resnet18", "resnet34", "resnet50"))
+    p.add_argument("--cond", choices=("none", "mask"), help="diffusion: unconditional or label-map conditioned")
     p.add_argument("--config", help="YAML file of config fields")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set crop=256x256 (repeatable)")
@@ -84,6 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the figures here")
+    _runtime_flags(p)
+
+    p = sub.add_parser("sample", help="draw images from a diffusion model")
+    p.add_argument("--model", default="models:/genseg-diffusion@champion",
+                   help="checkpoint dir, MLflow run id or models:/ URI (default: the champion)")
+    p.add_argument("--num", type=int, default=8)
+    p.add_argument("--out", required=True, help="directory for the PNGs and grid.png")
+    p.add_argument("--masks", help="shard directory whose label maps condition the samples")
+    p.add_argument("--split", default="val", help="split of --masks to take label maps from")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"), default="ddim")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w "
+                   "(default: the model's config; 0 = unconditional, 1 = plain conditional)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
     _runtime_flags(p)
 
     p = sub.add_parser("demo", help="synthetic data -> 2-worker training -> evaluation")
@@ -128,31 +147,50 @@ def cmd_prepare(args, rt) -> int:
     return 0
 
 
-def seg_config(args):
-    from genseg import config as config_lib
-    from genseg.config import SegConfig
+SEG_ONLY = ("arch", "backbone", "class_weights")
+DIFFUSION_ONLY = ("cond",)
 
-    cfg = config_lib.load_yaml(SegConfig, args.config) if args.config else SegConfig()
-    over = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                              "arch": args.arch, "backbone": args.backbone}.items() if v is not None}
+
+def task_config(args):
+    """The task's config dataclass: YAML preset, then named flags, then ``--set`` overrides."""
+    from genseg import config as config_lib
+    from genseg.config import DiffusionConfig, SegConfig
+
+    cls = SegConfig if args.task == "seg" else DiffusionConfig
+    wrong = SEG_ONLY if args.task != "seg" else DIFFUSION_ONLY
+    for flag in wrong:
+        if getattr(args, flag, None) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')} does not apply to `train {args.task}`")
+    cfg = config_lib.load_yaml(cls, args.config) if args.config else cls()
+    named = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "arch": args.arch,
+             "backbone": args.backbone, "cond": args.cond}
+    over = {k: v for k, v in named.items() if v is not None}
     over.update(config_lib.parse_overrides(args.set))
     return config_lib.replace(cfg, over)
 
 
 def cmd_train(args, rt) -> int:
-    from jobs import train_seg
     from jobs.runtime import init_ray
 
-    cfg = seg_config(args)
+    cfg = task_config(args)
     if args.workers < 1:
         raise UsageError("--workers must be >= 1")
     init_ray(rt)
-    summary = train_seg.run(args.data, cfg, rt, workers=args.workers, gpu=args.gpu, run_name=args.run_name,
-                            max_failures=args.max_failures, class_weights=args.class_weights,
-                            cpus_per_worker=args.cpus_per_worker)
+    common = dict(workers=args.workers, gpu=args.gpu, run_name=args.run_name, max_failures=args.max_failures,
+                  cpus_per_worker=args.cpus_per_worker)
+    if args.task == "seg":
+        from jobs import train_seg
+
+        summary = train_seg.run(args.data, cfg, rt, class_weights=args.class_weights, **common)
+    else:
+        from jobs import train_diffusion
+
+        summary = train_diffusion.run(args.data, cfg, rt, **common)
     reg = summary.get("registered")
-    print(f"run '{summary['run_name']}': epoch {summary['final_epoch'] + 1} done, best val mIoU "
-          f"{100 * summary['best_val_miou']:.2f} (epoch {summary['best_epoch'] + 1})")
+    score = summary["best_score"]
+    shown = f"{100 * score:.2f}" if summary["score"] == "val_miou" else f"{score:.4f}"
+    print(f"run '{summary['run_name']}': epoch {summary['final_epoch'] + 1} done, best {summary['score']} "
+          f"{shown} (epoch {summary['best_epoch'] + 1})")
     if reg:
         print(f"registered {reg['name']} version {reg['version']}"
               + (" as champion" if reg["champion"] else f" (champion stays version {reg['previous_champion']})"))
@@ -181,27 +219,40 @@ def cmd_eval(args, rt) -> int:
     return 0
 
 
+def cmd_sample(args, rt) -> int:
+    import tempfile
+
+    from genseg import tracking
+    from jobs import sample_job
+
+    tracking.setup(rt.workdir, rt.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = tracking.resolve_ref(args.model, "best_checkpoint", dst=tmp)
+        res = sample_job.run(model_dir, args.out, num=args.num, masks=args.masks, split=args.split,
+                             sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                             weights=args.weights, batch_size=args.batch_size, device=args.device)
+    print(f"wrote {res['num']} samples and {res['grid']} ({res['sampler']} x{res['steps']}, w={res['guidance']}, "
+          f"{res['seconds_per_image']:.2f} s/image)")
+    return 0
+
+
 def cmd_demo(args, rt) -> int:
     from jobs import demo
 
     return demo.run(rt, epochs=args.epochs, num=args.num, size=args.size)
 
 
-class UsageError(ValueError):
+class UsageError(Exception):
     pass
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}
 
 
 def _known_errors() -> tuple[type, ...]:
-    from genseg.checkpoint import CheckpointError
-    from genseg.config import ConfigError
-    from genseg.tracking import RefError
-    from pipelines.prepare import PrepareError
-    from pipelines.sources import SourceError
+    from genseg.errors import InputError
 
-    return (UsageError, ConfigError, SourceError, PrepareError, RefError, CheckpointError, FileNotFoundError)
+    return (UsageError, InputError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import torch
 from genseg import checkpoint as ckpt_lib
 from genseg import engine
 from genseg.data.shards import read_manifest
+from genseg.errors import InputError
 from pipelines.shards import iter_split
 
 
@@ -21,7 +22,7 @@ def run(model_dir: Path, data: str, split: str = "val", infer_scale: float | Non
     manifest = read_manifest(data)
     cfg = ck.config
     if manifest["num_classes"] != cfg.num_classes:
-        raise ValueError(f"{data}: shards have {manifest['num_classes']} classes but the model predicts "
+        raise InputError(f"{data}: shards have {manifest['num_classes']} classes but the model predicts "
                          f"{cfg.num_classes}")
     scale = cfg.infer_scale if infer_scale is None else infer_scale
     t0 = time.perf_counter()

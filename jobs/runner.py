@@ -59,8 +59,10 @@ class WorkerSession:
 
             self._client = MlflowClient(tracking_uri=self.rt["tracking_uri"])
 
-    def restore(self, model, optimizer=None, scheduler=None) -> tuple[int, dict]:
-        """Load the latest checkpoint (if any) into the given objects -> (start epoch, meta)."""
+    def restore(self, model, optimizer=None, scheduler=None, extra_weights: dict | None = None) -> tuple[int, dict]:
+        """Load the latest checkpoint (if any) into the given objects -> (start epoch, meta).
+
+        ``extra_weights`` maps names saved by :meth:`report` (e.g. ``"ema"``) to modules to fill."""
         resume = ray.train.get_checkpoint()
         if not resume:
             return 0, {}
@@ -72,6 +74,10 @@ class WorkerSession:
                 optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None and state.get("scheduler"):
                 scheduler.load_state_dict(state["scheduler"])
+            for name, module in (extra_weights or {}).items():
+                weights = ckpt_lib.load_weights(d, name)
+                if weights is not None:
+                    module.load_state_dict(weights)
             meta = dict(ck.meta)
             meta["extra_state"] = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "epoch")}
             return int(state.get("epoch", ck.epoch)) + 1, meta

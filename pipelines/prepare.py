@@ -19,6 +19,7 @@ from PIL import Image
 
 from genseg.data.classes import ClassSpec, default_palette, rgb_to_index
 from genseg.data.shards import MANIFEST, encode_row
+from genseg.errors import InputError
 from genseg.data.synthetic import make_scene
 from pipelines.sources import Source
 
@@ -26,7 +27,7 @@ IGNORE = 255
 MAX_LISTED = 20
 
 
-class PrepareError(RuntimeError):
+class PrepareError(InputError):
     """Bad input files; the message names them (first 20)."""
 
 

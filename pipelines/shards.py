@@ -7,6 +7,7 @@ from typing import Iterator
 import pyarrow.dataset as pads
 
 from genseg.data.shards import read_manifest
+from genseg.errors import InputError
 
 
 def iter_split(shard_dir: str | Path, split: str, batch_size: int = 16,
@@ -14,7 +15,7 @@ def iter_split(shard_dir: str | Path, split: str, batch_size: int = 16,
     """Yield columnar batches (dict of lists) of a split, in file order."""
     manifest = read_manifest(shard_dir)
     if split not in manifest["splits"]:
-        raise ValueError(f"{shard_dir} has no '{split}' split (has: {', '.join(manifest['splits'])})")
+        raise InputError(f"{shard_dir} has no '{split}' split (has: {', '.join(manifest['splits'])})")
     ds = pads.dataset(str(Path(shard_dir) / split), format="parquet")
     seen = 0
     for rb in ds.to_batches(batch_size=batch_size):

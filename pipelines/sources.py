@@ -10,13 +10,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from genseg.errors import InputError
 from genseg.data.classes import CAMVID, CAMVID_VOID, SYNTHETIC, ClassSpec, default_palette
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
 MASK_EXTS = {".png"}
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """The source itself is unusable (missing directory, bad palette file...)."""
 
 

@@ -1,0 +1,148 @@
+"""``genseg train diffusion``: DDPM training on Ray Train over the shared runner.
+
+Label-conditioned (``cond=mask``, semantic image synthesis) or unconditional.  EMA weights are
+kept in every checkpoint and used for sampling; the best checkpoint is the one with the lowest
+validation loss (the DDPM objective on the val split at fixed t and noise).
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from genseg import config as config_lib
+from genseg import engine
+from genseg.config import DiffusionConfig
+from genseg.data.classes import colorize
+from genseg.data.shards import read_manifest
+from genseg.diffusion.conditioning import encode_labels
+from genseg.diffusion.data import diffusion_batch
+from genseg.diffusion.ema import EMA
+from genseg.diffusion.sampling import sample, to_uint8
+from genseg.diffusion.schedules import make_train_scheduler
+from genseg.diffusion.training import diffusion_loss, train_step
+from genseg.models.unet import build_diffusion_model
+from genseg.viz import stack_rows
+from jobs import runner
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    s = runner.WorkerSession(loop_config, DiffusionConfig)
+    cfg, rt = s.cfg, s.rt
+    engine.set_seed(cfg.seed + 1000 * s.rank)
+    rng = random.Random(cfg.seed + s.rank)
+    gen = torch.Generator().manual_seed(cfg.seed + 17 * s.rank)
+    size = tuple(cfg.image_size)
+    model = build_diffusion_model(cfg)
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = engine.make_scheduler(optimizer, cfg.lr_schedule, cfg.epochs, cfg.warmup_epochs, rt["steps_per_epoch"])
+    start_epoch, meta = s.restore(model, optimizer, scheduler, extra_weights={"ema": ema.model})
+    ema.updates = int(meta.get("extra_state", {}).get("ema_updates", 0))
+    best = meta.get("best_val_loss", float("inf"))
+    noise = make_train_scheduler(cfg)
+    model = ray.train.torch.prepare_model(model)
+    autocast = engine.autocast(s.device, cfg.amp) if s.device.type == "cuda" else None
+    conditioned = cfg.cond == "mask"
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0, losses = time.perf_counter(), []
+        for step, batch in enumerate(train_shard.iter_batches(
+                batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+                local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + 7919 * epoch + s.rank)):
+            if step >= rt["steps_per_epoch"]:
+                break
+            x0, masks = diffusion_batch(batch, size, cfg.hflip, rng)
+            cond = encode_labels(masks, cfg.num_classes, cfg.ignore_index).to(s.device) if conditioned else None
+            losses.append(train_step(model, optimizer, x0.to(s.device), cond, noise, cfg.p_uncond, ema,
+                                     autocast, gen))
+            scheduler.step()
+        seconds = time.perf_counter() - t0
+        val_loss = s.mean(_val_loss(ema.model, val_shard, cfg, noise, size, s))
+        best = min(best, val_loss)
+        metrics = {"epoch": epoch, "train_loss": s.mean(float(np.mean(losses)) if losses else float("nan")),
+                   "val_loss": val_loss, "best_val_loss": best, "lr": optimizer.param_groups[0]["lr"],
+                   "samples_per_s": len(losses) * cfg.batch_size * s.world / max(seconds, 1e-9),
+                   "epoch_seconds": seconds}
+        if s.rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f} "
+                  f"({seconds:.1f}s, {metrics['samples_per_s']:.1f} img/s)", flush=True)
+            picture = None
+            if epoch % max(1, cfg.sample_every) == 0 or epoch == cfg.epochs - 1:
+                picture = _sample_grid(ema.model, val_shard, cfg, noise, size, rt["classes"]["palette"], s.device)
+            s.log(epoch, metrics, picture, f"samples/epoch_{epoch:03d}.png")
+        s.report(epoch, metrics, model, optimizer, scheduler, meta={"best_val_loss": best},
+                 extra_state={"ema_updates": ema.updates}, extra_weights={"ema": ema.model})
+
+
+@torch.no_grad()
+def _val_loss(model, val_shard, cfg, noise, size, s, max_images: int = 64) -> float:
+    """The DDPM loss of the EMA model on (this worker's share of) val, with a fixed seed so
+    epochs are comparable."""
+    model.eval()
+    gen = torch.Generator().manual_seed(1234 + s.rank)
+    total, n, i = 0.0, 0, 0
+    for batch in val_shard.iter_batches(batch_size=16, batch_format="numpy"):
+        x0, masks = diffusion_batch(batch, size, False, None)
+        keep = [j for j in range(len(x0)) if (i + j) % s.world == s.rank]
+        i += len(x0)
+        if not keep or n >= max_images:
+            continue
+        x0, masks = x0[keep], masks[keep]
+        cond = encode_labels(masks, cfg.num_classes, cfg.ignore_index).to(s.device) if cfg.cond == "mask" else None
+        total += diffusion_loss(model, x0.to(s.device), cond, noise, 0.0, gen).item() * len(x0)
+        n += len(x0)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def _sample_grid(model, val_shard, cfg, noise, size, palette, device, n: int = 4) -> np.ndarray:
+    """Rows of ``label map | sample`` (conditioned) or a row of samples (unconditional)."""
+    batch = next(iter(val_shard.iter_batches(batch_size=n, batch_format="numpy")))
+    _, masks = diffusion_batch(batch, size, False, None)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.cond == "mask":
+        cond = encode_labels(masks, cfg.num_classes, cfg.ignore_index)
+        x = sample(model, noise, (len(masks), 3, *size), cond=cond, w=cfg.guidance, sampler=cfg.sampler,
+                   steps=cfg.sample_steps, generator=gen, device=device)
+        rows = [np.concatenate([colorize(m.numpy(), palette), img.numpy()], axis=1)
+                for m, img in zip(masks, to_uint8(x))]
+    else:
+        x = sample(model, noise, (n, 3, *size), sampler=cfg.sampler, steps=cfg.sample_steps, generator=gen,
+                   device=device)
+        rows = [np.concatenate(list(to_uint8(x).numpy()), axis=1)]
+    return stack_rows(rows)
+
+
+def build_config(manifest: dict, base: DiffusionConfig, data_dir: Path) -> DiffusionConfig:
+    over = {"num_classes": manifest["num_classes"], "ignore_index": manifest["ignore_index"]}
+    if base.image_size is None:
+        if manifest.get("size") is None:
+            raise config_lib.ConfigError(f"{data_dir} holds images of several sizes; set --set image_size=HxW")
+        over["image_size"] = tuple(manifest["size"])
+    return config_lib.replace(base, over)
+
+
+TASK = runner.Task(name="diffusion", experiment="genseg-diffusion", model_name="genseg-diffusion",
+                   score="val_loss", higher_is_better=False, loop=train_loop,
+                   model_fields=("cond", "num_classes", "channels", "layers_per_block", "attention", "prediction",
+                                 "timesteps"))
+
+
+def run(data: str, cfg: DiffusionConfig, rt, *, workers: int = 2, gpu: bool = False, run_name: str | None = None,
+        max_failures: int = 0, cpus_per_worker: float = 1.0, register: bool = True, log=print) -> dict:
+    data_dir = Path(data).resolve()
+    manifest = read_manifest(data_dir)
+    runner.check_splits(data_dir, manifest)
+    cfg = build_config(manifest, cfg, data_dir)
+    steps = runner.steps_per_epoch(manifest["splits"]["train"]["count"], workers, cfg.batch_size)
+    return runner.run(TASK, data_dir, manifest, cfg, rt, {"steps_per_epoch": steps},
+                      workers=workers, gpu=gpu, run_name=run_name or f"diffusion-{time.strftime('%Y%m%d-%H%M%S')}",
+                      max_failures=max_failures, cpus_per_worker=cpus_per_worker, register=register, log=log)
