@@ -77,9 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(p)
 
     p = sub.add_parser("eval", help="evaluate a model")
-    p.add_argument("task", choices=("seg",))
-    p.add_argument("--model", default="models:/genseg-segmenter@champion",
-                   help="checkpoint dir, MLflow run id or models:/ URI (default: the champion)")
+    p.add_argument("task", choices=("seg", "gen"))
+    p.add_argument("--model", help="checkpoint dir, MLflow run id or models:/ URI (default: the champion "
+                                   "genseg-segmenter for seg, genseg-diffusion for gen)")
+    p.add_argument("--segmenter", default="models:/genseg-segmenter@champion",
+                   help="gen: the segmenter whose features and mIoU score the samples")
+    p.add_argument("--num", type=int, default=64, help="gen: number of real/generated images")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"), default="ddim")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inpaint-num", type=int, default=8, help="gen: images for the inpainting PSNR/SSIM")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--infer-scale", type=float, help="run the model at this scale (default from its config)")
@@ -102,6 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    _runtime_flags(p)
+
+    p = sub.add_parser("edit", help="remove objects or replace the background of an image")
+    p.add_argument("--model", default="models:/genseg-diffusion@champion", help="diffusion model REF")
+    p.add_argument("--segmenter", default="models:/genseg-segmenter@champion", help="segmenter REF")
+    p.add_argument("--image", required=True)
+    p.add_argument("--out", required=True, help="output PNG (a .mask.png and a .json are written beside it)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--remove", metavar="CLASS[,CLASS]", help="classes to remove (names or ids)")
+    what.add_argument("--background", metavar="LABELMAP", help="label-map PNG for the new background, or 'none'")
+    p.add_argument("--keep", metavar="CLASS[,CLASS]", help="with --background: foreground classes to keep")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--resample", type=int, default=1, help="RePaint resampling jumps per step")
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--dilate", type=int, default=3)
+    p.add_argument("--feather", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     _runtime_flags(p)
 
@@ -207,6 +234,23 @@ def cmd_eval(args, rt) -> int:
     from jobs import eval_seg
 
     tracking.setup(rt.workdir, rt.tracking_uri)
+    if args.task == "gen":
+        from jobs import eval_gen
+
+        ref = args.model or "models:/genseg-diffusion@champion"
+        with tempfile.TemporaryDirectory() as tmp:
+            res = eval_gen.run(tracking.resolve_ref(ref, "best_checkpoint", dst=f"{tmp}/d"),
+                               tracking.resolve_ref(args.segmenter, "best_checkpoint", dst=f"{tmp}/s"),
+                               args.data, split=args.split, num=args.num, sampler=args.sampler, steps=args.steps,
+                               guidance=args.guidance, seed=args.seed, inpaint_num=args.inpaint_num,
+                               device=args.device)
+        res["model_ref"], res["segmenter_ref"] = ref, args.segmenter
+        print(eval_gen.format_report(res))
+        if args.json:
+            eval_seg.write_json(res, args.json)
+            print(f"wrote {args.json}")
+        return 0
+    args.model = args.model or "models:/genseg-segmenter@champion"
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tracking.resolve_ref(args.model, "best_checkpoint", dst=tmp)
         res = eval_seg.run(model_dir, args.data, args.split, args.infer_scale, args.device, args.limit)
@@ -236,6 +280,25 @@ def cmd_sample(args, rt) -> int:
     return 0
 
 
+def cmd_edit(args, rt) -> int:
+    import tempfile
+
+    from genseg import tracking
+    from genseg.editing import EditOptions
+    from jobs import edit_job
+
+    tracking.setup(rt.workdir, rt.tracking_uri)
+    opts = EditOptions(sampler=args.sampler, steps=args.steps, resample=args.resample, guidance=args.guidance,
+                       dilate=args.dilate, feather=args.feather, seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        diffusion = tracking.resolve_ref(args.model, "best_checkpoint", dst=f"{tmp}/d")
+        segmenter = tracking.resolve_ref(args.segmenter, "best_checkpoint", dst=f"{tmp}/s")
+        res = edit_job.run(diffusion, segmenter, args.image, args.out, remove=args.remove,
+                           background=args.background, keep=args.keep, opts=opts, device=args.device)
+    print(f"wrote {res['out']} ({res['edited_pixels']} pixels edited; region in {res['mask']})")
+    return 0
+
+
 def cmd_demo(args, rt) -> int:
     from jobs import demo
 
@@ -246,7 +309,8 @@ class UsageError(Exception):
     pass
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "edit": cmd_edit,
+            "demo": cmd_demo}
 
 
 def _known_errors() -> tuple[type, ...]:

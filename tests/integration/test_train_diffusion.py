@@ -56,3 +56,34 @@ def test_train_resume_register_and_sample(ray_cluster, tmp_path, capsys):
     code = main(["sample", "--model", summary["best_checkpoint"], "--num", "1", "--out", str(tmp_path / "x"),
                  "--masks", str(tmp_path / "missing"), "--workdir", wd])
     assert code != 0 and "manifest.json" in capsys.readouterr().err
+
+    # eval gen and edit against a (small, untrained) segmenter checkpoint with the same label set
+    from genseg.config import SegConfig
+    from genseg.models import build_segmenter
+
+    seg_cfg = SegConfig(num_classes=7, width=8)
+    seg_dir = ck.save(tmp_path / "seg", build_segmenter(seg_cfg), seg_cfg, epoch=0,
+                      classes=json.loads((tmp_path / "shards" / "manifest.json").read_text())["classes"])
+    gen_json = tmp_path / "gen.json"
+    assert main(["eval", "gen", "--segmenter", str(seg_dir), "--data", data, "--num", "4", "--steps", "3",
+                 "--inpaint-num", "2", "--json", str(gen_json), "--workdir", wd]) == 0
+    g = json.loads(gen_json.read_text())
+    assert g["fd"] >= 0 and 0 <= g["seg_miou_samples"] <= 1 and 0 <= g["seg_miou_real_ceiling"] <= 1
+    assert g["protocol"]["samples"] == 2 and g["protocol"]["size"] == [16, 24]   # val split has 2 scenes
+    assert np.isfinite(g["inpaint_psnr"]) and -1 <= g["inpaint_ssim"] <= 1
+
+    from genseg.data.synthetic import make_scene
+
+    image, _ = make_scene(0, 99, 40, 60)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    edited = tmp_path / "edit" / "out.png"
+    assert main(["edit", "--segmenter", str(seg_dir), "--image", str(tmp_path / "in.png"), "--remove", "sky,road",
+                 "--out", str(edited), "--steps", "3", "--workdir", wd]) == 0
+    out_img = np.asarray(Image.open(edited))
+    region = np.asarray(Image.open(edited.with_suffix(".mask.png"))) > 0
+    assert out_img.shape == image.shape
+    assert np.array_equal(out_img[~region], image[~region])        # untouched outside the edited region
+    capsys.readouterr()
+    assert main(["edit", "--segmenter", str(seg_dir), "--image", str(tmp_path / "in.png"), "--remove", "unicorn",
+                 "--out", str(edited), "--workdir", wd]) != 0
+    assert "unknown class 'unicorn'" in capsys.readouterr().err
