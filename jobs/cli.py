@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     _runtime_flags(p)
 
-    p = sub.add_parser("demo", help="synthetic data -> 2-worker training -> evaluation")
-    p.add_argument("--epochs", type=int, default=6)
+    p = sub.add_parser("demo", help="synthetic data -> segmentation and diffusion training -> eval -> samples")
+    p.add_argument("--epochs", type=int, default=6, help="segmentation epochs")
+    p.add_argument("--diffusion-epochs", type=int, default=12)
     p.add_argument("--num", type=int, default=240)
     p.add_argument("--size", type=_size, default=(64, 96))
     _runtime_flags(p)
@@ -302,7 +303,7 @@ def cmd_edit(args, rt) -> int:
 def cmd_demo(args, rt) -> int:
     from jobs import demo
 
-    return demo.run(rt, epochs=args.epochs, num=args.num, size=args.size)
+    return demo.run(rt, epochs=args.epochs, num=args.num, size=args.size, diffusion_epochs=args.diffusion_epochs)
 
 
 class UsageError(Exception):
