@@ -1,0 +1,100 @@
+"""Sampler x steps table for a diffusion model: seconds per image and generation metrics.
+
+    .venv/bin/python bench/diffusion_samplers.py --model REF --segmenter REF --data SHARDS \
+        [--num 32] [--grid ddpm:1000,ddim:20,ddim:50,dpmpp:20] [--workdir DIR]
+
+For each sampler:steps it runs `genseg eval gen` logic (same seed, same label maps) and records
+s/image, FD, KID and the segmenter mIoU of the samples; it also writes a picture of samples for
+w in {0, 1, 3, 5}.  Results: bench/results/diffusion_samplers.json and diffusion_guidance.png.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="models:/genseg-diffusion@champion")
+    ap.add_argument("--segmenter", default="models:/genseg-segmenter@champion")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--num", type=int, default=32)
+    ap.add_argument("--grid", default="ddpm:1000,ddim:20,ddim:50,dpmpp:20")
+    ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--workdir", default="genseg-runs")
+    ap.add_argument("--tag", default="", help="suffix for the result files")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from genseg import tracking
+    from genseg.data.classes import colorize
+    from genseg.diffusion.conditioning import encode_labels
+    from genseg.diffusion.sampling import sample, to_uint8
+    from genseg.diffusion.schedules import make_train_scheduler
+    from genseg.viz import save_png, stack_rows
+    from jobs import eval_gen
+    from jobs.runtime import resolve
+    from jobs.sample_job import label_maps, load_diffusion
+
+    rt = resolve(args.workdir, None, None)
+    tracking.setup(rt.workdir, rt.tracking_uri)
+    tmp = tempfile.mkdtemp()
+    model_dir = tracking.resolve_ref(args.model, "best_checkpoint", dst=f"{tmp}/d")
+    seg_dir = tracking.resolve_ref(args.segmenter, "best_checkpoint", dst=f"{tmp}/s")
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    for spec in args.grid.split(","):
+        sampler, steps = spec.split(":")
+        res = eval_gen.run(model_dir, seg_dir, args.data, split=args.split, num=args.num, sampler=sampler,
+                           steps=int(steps), guidance=args.guidance, inpaint_num=0)
+        row = {"sampler": sampler, "steps": int(steps), "s_per_image": res["seconds_per_image"], "fd": res["fd"],
+               "kid": res["kid"], "seg_miou_samples": res.get("seg_miou_samples"),
+               "seg_miou_real_ceiling": res.get("seg_miou_real_ceiling"), "protocol": res["protocol"]}
+        rows.append(row)
+        print(f"{sampler:>6} x{steps:>5}: {row['s_per_image']:.3f} s/img  FD {row['fd']:.3f}  KID {row['kid']:.4f}  "
+              f"seg mIoU {row['seg_miou_samples']}", flush=True)
+
+    # samples for w in {0, 1, 3, 5} on the same label maps and noise
+    ck, model, _ = load_diffusion(model_dir)
+    cfg = ck.config
+    noise = make_train_scheduler(cfg)
+    picture = None
+    if cfg.cond == "mask":
+        labels = label_maps(args.data, args.split, 4, cfg)
+        palette = ck.meta["classes"]["palette"]
+        cols = [np.concatenate([colorize(m.numpy(), palette) for m in labels], axis=0)]
+        for w in (0.0, 1.0, 3.0, 5.0):
+            x = sample(model, noise, (4, 3, *cfg.image_size), cond=encode_labels(labels, cfg.num_classes), w=w,
+                       sampler="ddim", steps=50, generator=torch.Generator().manual_seed(0))
+            cols.append(np.concatenate(list(to_uint8(x).numpy()), axis=0))
+        picture = save_png(stack_rows([np.concatenate(cols, axis=1)]),
+                           ROOT / "bench" / "results" / f"diffusion_guidance{args.tag}.png")
+    base = next((r for r in rows if r["sampler"] == "ddpm"), None)
+    for r in rows:
+        if base and r is not base:
+            r["speedup_vs_ddpm"] = base["s_per_image"] / r["s_per_image"]
+            r["fd_ratio_vs_ddpm"] = r["fd"] / base["fd"] if base["fd"] else None
+    out = {"benchmark": "diffusion_samplers", "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+           "machine": {"cores": os.cpu_count(), "device": "cpu", "platform": platform.platform()},
+           "versions": {"torch": torch.__version__}, "rows": rows,
+           "guidance_picture": str(picture) if picture else None,
+           "picture_layout": "columns: label map | w=0 | w=1 | w=3 | w=5 (DDIM x50, same noise)"}
+    path = ROOT / "bench" / "results" / f"diffusion_samplers{args.tag}.json"
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
