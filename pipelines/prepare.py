@@ -127,6 +127,7 @@ def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None
                         fn_kwargs={"size": size, "num_classes": k_given}).materialize()
 
     # one cheap pass over the small columns: problems, counts, histogram, sizes
+    decode_problems: list[str] = []
     hist = np.zeros(256, np.int64)
     counts: dict[str, int] = {}
     sizes: set[tuple[int, int]] = set()
@@ -136,11 +137,12 @@ def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None
         for name, split, err, h, hh, ww in zip(batch["name"], batch["split"], batch["error"],
                                                batch["hist"], batch["height"], batch["width"]):
             if err:
-                problems.append(str(err))
+                decode_problems.append(str(err))
                 continue
             hist += np.frombuffer(h, np.int64)
             counts[str(split)] = counts.get(str(split), 0) + 1
             sizes.add((int(hh), int(ww)))
+    problems += sorted(decode_problems)   # blocks finish in any order; report in a stable one
     if problems and not skip_bad:
         raise PrepareError(f"{len(problems)} bad input file(s); nothing was written "
                            f"(rerun with --skip-bad to skip them):\n{format_problems(problems)}")
