@@ -49,6 +49,7 @@ def train_loop(loop_config: dict) -> None:
     noise = make_train_scheduler(cfg)
     model = ray.train.torch.prepare_model(model)
     autocast = engine.autocast(s.device, cfg.amp) if s.device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if s.device.type == "cuda" and cfg.amp == "fp16" else None
     conditioned = cfg.cond == "mask"
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
@@ -62,7 +63,7 @@ def train_loop(loop_config: dict) -> None:
             x0, masks = diffusion_batch(batch, size, cfg.hflip, rng)
             cond = encode_labels(masks, cfg.num_classes, cfg.ignore_index).to(s.device) if conditioned else None
             losses.append(train_step(model, optimizer, x0.to(s.device), cond, noise, cfg.p_uncond, ema,
-                                     autocast, gen))
+                                     autocast, gen, scaler))
             scheduler.step()
         seconds = time.perf_counter() - t0
         val_loss = s.mean(_val_loss(ema.model, val_shard, cfg, noise, size, s))

@@ -31,8 +31,10 @@ def diffusion_loss(model, x0: torch.Tensor, cond: torch.Tensor | None, scheduler
 
 
 def train_step(model, optimizer, x0, cond, scheduler, p_uncond: float, ema=None, autocast=None,
-               generator=None) -> float:
-    """One optimisation step; returns the loss."""
+               generator=None, scaler=None) -> float:
+    """One optimisation step (gradient clipping at 1, EMA update); returns the loss.
+
+    ``autocast`` is a context manager for mixed precision; ``scaler`` a GradScaler for fp16."""
     model.train()
     if autocast is not None:
         with autocast:
@@ -40,9 +42,16 @@ def train_step(model, optimizer, x0, cond, scheduler, p_uncond: float, ema=None,
     else:
         loss = diffusion_loss(model, x0, cond, scheduler, p_uncond, generator)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
     if ema is not None:
         ema.update(model)
     return loss.item()
