@@ -11,11 +11,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from genseg.data.shards import decode_batch
-from genseg.data.transforms import resize_pair, to_tensors
+from genseg.data.transforms import to_tensors
+from genseg.diffusion.data import diffusion_batch
 from genseg.diffusion.conditioning import encode_labels
 from genseg.diffusion.inpaint import inpaint
 from genseg.diffusion.sampling import from_uint8, sample, to_uint8
@@ -32,16 +31,10 @@ from pipelines.shards import iter_split
 
 def _real_set(data: str, split: str, num: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """-> images ``(N, H, W, 3) uint8`` and masks ``(N, H, W)`` at the model size."""
-    imgs, masks = [], []
-    for batch in iter_split(data, split, limit=num):
-        for image, mask in decode_batch(batch):
-            x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
-            x, m = resize_pair(x, torch.from_numpy(np.array(mask)).long(), size)
-            imgs.append(x.round().clamp(0, 255).byte().permute(1, 2, 0))
-            masks.append(m)
-    if len(imgs) < 2:
+    pairs = [diffusion_batch(batch, size, False, None) for batch in iter_split(data, split, limit=num)]
+    if sum(len(x) for x, _ in pairs) < 2:
         raise InputError(f"{data} [{split}] has fewer than 2 images to evaluate against")
-    return torch.stack(imgs), torch.stack(masks)
+    return to_uint8(torch.cat([x for x, _ in pairs])), torch.cat([m for _, m in pairs])
 
 
 @torch.no_grad()

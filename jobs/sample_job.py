@@ -13,8 +13,8 @@ from genseg import checkpoint as ckpt_lib
 from genseg.config import DiffusionConfig
 from genseg.data.classes import colorize
 from genseg.errors import InputError
-from genseg.data.shards import decode_batch, read_manifest
-from genseg.data.transforms import resize_pair
+from genseg.data.shards import read_manifest
+from genseg.diffusion.data import diffusion_batch
 from genseg.diffusion.conditioning import encode_labels, null_condition
 from genseg.diffusion.sampling import sample, to_uint8
 from genseg.diffusion.schedules import make_train_scheduler
@@ -37,16 +37,12 @@ def label_maps(shards: str, split: str, num: int, cfg: DiffusionConfig) -> torch
     if manifest["num_classes"] != cfg.num_classes:
         raise InputError(f"{shards}: label maps have {manifest['num_classes']} classes, the model expects "
                          f"{cfg.num_classes}")
-    out = []
-    for batch in iter_split(shards, split, limit=num):
-        for _, mask in decode_batch(batch):
-            m = torch.from_numpy(np.array(mask)).long()
-            out.append(resize_pair(torch.zeros(3, *m.shape), m, tuple(cfg.image_size))[1])
-    if not out:
+    maps = [diffusion_batch(batch, tuple(cfg.image_size), False, None)[1]
+            for batch in iter_split(shards, split, limit=num)]
+    if not maps:
         raise InputError(f"{shards} [{split}] holds no label maps")
-    while len(out) < num:                  # fewer maps than samples: reuse them in order
-        out.append(out[len(out) % max(1, len(out))])
-    return torch.stack(out[:num])
+    maps = torch.cat(maps)
+    return maps[torch.arange(num) % len(maps)]   # fewer maps than samples: reuse them in order
 
 
 def run(model_dir: Path, out: str, *, num: int = 8, masks: str | None = None, split: str = "val",

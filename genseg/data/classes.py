@@ -1,7 +1,7 @@
 """Class specs: names, colours and the ignore index of a label set."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
