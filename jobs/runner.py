@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -58,6 +59,12 @@ class WorkerSession:
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.rt["tracking_uri"])
+
+    @staticmethod
+    def say(message: str) -> None:
+        """One progress line in the driver's output.  Ray Train patches ``print`` in workers to tee
+        into its logger as well as the (wrapped) stdout, which shows every line twice."""
+        print(message, file=sys.__stdout__, flush=True)
 
     def restore(self, model, optimizer=None, scheduler=None, extra_weights: dict | None = None) -> tuple[int, dict]:
         """Load the latest checkpoint (if any) into the given objects -> (start epoch, meta).

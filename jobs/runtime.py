@@ -42,5 +42,7 @@ def init_ray(rt: Runtime, num_cpus: int | None = None) -> None:
         ray.init(address=rt.ray_address, logging_level=logging.WARNING)
         return
     cpus = num_cpus or int(os.environ.get("GENSEG_NUM_CPUS", 0)) or max(4, 2 * (os.cpu_count() or 1))
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+    # The dashboard serves the State API, which Ray Train's placement-group cleaner polls: without it
+    # the cleaner logs a warning every few seconds and cannot free a dead run's resources.
+    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
              configure_logging=True, log_to_driver=True)

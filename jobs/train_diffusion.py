@@ -73,8 +73,8 @@ def train_loop(loop_config: dict) -> None:
                    "samples_per_s": len(losses) * cfg.batch_size * s.world / max(seconds, 1e-9),
                    "epoch_seconds": seconds}
         if s.rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f} "
-                  f"({seconds:.1f}s, {metrics['samples_per_s']:.1f} img/s)", flush=True)
+            s.say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f} "
+                  f"({seconds:.1f}s, {metrics['samples_per_s']:.1f} img/s)")
             picture = None
             if epoch % max(1, cfg.sample_every) == 0 or epoch == cfg.epochs - 1:
                 picture = _sample_grid(ema.model, val_shard, cfg, noise, size, rt["classes"]["palette"], s.device)

@@ -56,9 +56,9 @@ def train_loop(loop_config: dict) -> None:
                    "samples_per_s": stats["samples"] * s.world / max(stats["seconds"], 1e-9),
                    "epoch_seconds": stats["seconds"], "val_seconds": time.perf_counter() - t0, "best_miou": best}
         if s.rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}, val mIoU "
+            s.say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}, val mIoU "
                   f"{100 * val['miou']:.2f}, pixel acc {100 * val['pixel_acc']:.2f} ({stats['seconds']:.1f}s train, "
-                  f"{metrics['samples_per_s']:.1f} img/s)", flush=True)
+                  f"{metrics['samples_per_s']:.1f} img/s)")
             names = rt["classes"]["names"]
             per_class = {f"val_iou_{names[i]}": v for i, v in enumerate(val["iou"])}
             picture = None
