@@ -127,16 +127,7 @@ def resolve_ref(ref: str, default_artifact: str = "checkpoint", dst: str | Path 
     client = MlflowClient()
     try:
         if ref.startswith("models:/"):
-            spec = ref[len("models:/"):]
-            if "@" in spec:
-                name, alias = spec.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
-            elif "/" in spec:
-                name, version = spec.split("/", 1)
-                mv = client.get_model_version(name, version)
-            else:
-                raise RefError(f"model URI {ref!r} needs an alias or version, e.g. models:/{spec}@champion")
-            source = mv.source
+            source = _model_version(client, ref).source
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=_dst(dst)))
         if all(c in "0123456789abcdef" for c in ref) and len(ref) == 32:
             client.get_run(ref)
@@ -145,6 +136,31 @@ def resolve_ref(ref: str, default_artifact: str = "checkpoint", dst: str | Path 
     except MlflowException as exc:
         raise RefError(f"model {ref!r} not found in the tracking store ({exc.message.splitlines()[0]})") from None
     raise RefError(f"model {ref!r} is neither a checkpoint directory, an MLflow run id, nor a models:/ URI")
+
+
+def _model_version(client, ref: str):
+    spec = ref[len("models:/"):]
+    if "@" in spec:
+        name, alias = spec.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    if "/" in spec:
+        name, version = spec.split("/", 1)
+        return client.get_model_version(name, version)
+    raise RefError(f"model URI {ref!r} needs an alias or version, e.g. models:/{spec}@champion")
+
+
+def describe_ref(ref: str) -> str:
+    """A model reference for reports: a ``models:/`` URI gains the version and run it points at now."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not ref.startswith("models:/"):
+        return ref
+    try:
+        mv = _model_version(MlflowClient(), ref)
+    except (MlflowException, RefError):
+        return ref
+    return f"{ref} (version {mv.version}, run {mv.run_id})"
 
 
 def _dst(dst):

@@ -244,7 +244,8 @@ def cmd_eval(args, rt) -> int:
                                tracking.resolve_ref(args.segmenter, "best_checkpoint", dst=f"{tmp}/s"),
                                args.data, split=args.split, num=args.num, sampler=args.sampler, steps=args.steps,
                                guidance=args.guidance, seed=args.seed, inpaint_num=args.inpaint_num,
-                               device=args.device)
+                               device=args.device, model_ref=tracking.describe_ref(ref),
+                               segmenter_ref=tracking.describe_ref(args.segmenter))
         res["model_ref"], res["segmenter_ref"] = ref, args.segmenter
         print(eval_gen.format_report(res))
         if args.json:

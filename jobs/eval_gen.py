@@ -49,7 +49,10 @@ def _features_and_miou(seg, images: torch.Tensor, masks: torch.Tensor, num_class
 
 def run(diffusion_dir: Path, segmenter_dir: Path, data: str, *, split: str = "val", num: int = 64,
         sampler: str = "ddim", steps: int = 25, guidance: float | None = None, seed: int = 0,
-        inpaint_num: int = 8, batch_size: int = 16, device: str = "cpu") -> dict:
+        inpaint_num: int = 8, batch_size: int = 16, device: str = "cpu", model_ref: str | None = None,
+        segmenter_ref: str | None = None) -> dict:
+    """Sample, score and return the figures with their protocol.  ``*_ref`` name the models in the
+    protocol (default: their checkpoint directories)."""
     t0 = time.perf_counter()
     dck, model, weights = load_diffusion(diffusion_dir)
     sck, seg = load_segmenter(segmenter_dir)
@@ -101,7 +104,8 @@ def run(diffusion_dir: Path, segmenter_dir: Path, data: str, *, split: str = "va
         "samples": n, "size": list(size), "sampler": sampler, "steps": steps, "guidance": w, "seed": seed,
         "weights": weights, "data": str(Path(data).resolve()), "split": split,
         "features": "segmenter stride-32 features, global average pooled",
-        "segmenter": str(segmenter_dir), "segmenter_epoch": sck.epoch, "diffusion": str(diffusion_dir),
+        "segmenter": segmenter_ref or str(segmenter_dir), "segmenter_epoch": sck.epoch,
+        "diffusion": model_ref or str(diffusion_dir),
         "diffusion_epoch": dck.epoch, "inpaint_images": min(inpaint_num, n), "inpaint_hole": "one seeded box, 25%",
     }
     res["seconds"] = round(time.perf_counter() - t0, 2)
@@ -111,7 +115,9 @@ def run(diffusion_dir: Path, segmenter_dir: Path, data: str, *, split: str = "va
 def format_report(res: dict) -> str:
     p = res["protocol"]
     lines = [f"protocol: {p['samples']} samples at {p['size'][0]}x{p['size'][1]}, {p['sampler']} x{p['steps']}, "
-             f"w={p['guidance']}, {p['weights']} weights; segmenter {p['segmenter']} (epoch {p['segmenter_epoch'] + 1})",
+             f"w={p['guidance']}, {p['weights']} weights, seed {p['seed']}",
+             f"diffusion model {p['diffusion']} (epoch {p['diffusion_epoch'] + 1})",
+             f"segmenter {p['segmenter']} (epoch {p['segmenter_epoch'] + 1}); {p['features']}",
              f"FD   {res['fd']:.4f}", f"KID  {res['kid']:.5f} +- {res['kid_std']:.5f}",
              f"sampling {res['seconds_per_image']:.3f} s/image"]
     if "seg_miou_samples" in res:

@@ -70,6 +70,9 @@ def test_train_resume_register_and_sample(ray_cluster, tmp_path, capsys):
     g = json.loads(gen_json.read_text())
     assert g["fd"] >= 0 and 0 <= g["seg_miou_samples"] <= 1 and 0 <= g["seg_miou_real_ceiling"] <= 1
     assert g["protocol"]["samples"] == 2 and g["protocol"]["size"] == [16, 24]   # val split has 2 scenes
+    # the default model is the registry champion; the protocol names the version it resolved to
+    assert g["protocol"]["diffusion"].startswith("models:/genseg-diffusion@champion (version ")
+    assert g["protocol"]["segmenter"] == str(seg_dir)
     assert np.isfinite(g["inpaint_psnr"]) and -1 <= g["inpaint_ssim"] <= 1
 
     from genseg.data.synthetic import make_scene
