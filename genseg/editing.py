@@ -74,9 +74,12 @@ def fill_labels(labels: np.ndarray, hole: np.ndarray, max_iters: int = 10_000) -
 
 
 def _to_model(image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None, size: tuple[int, int]):
+    """Image, hole and labels at the model's size.  A model pixel is part of the hole when any image
+    pixel under it is: a nearest-sampled mask would leave pixels half-covered by the removed object
+    "known", and their colour would bleed back into the fill."""
     x = from_uint8(torch.from_numpy(np.array(image))[None])
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    m = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=size, mode="nearest")
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    m = (F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=size, mode="area") > 0).float()
     lab = None
     if labels is not None:
         lab = F.interpolate(torch.from_numpy(labels).float()[None, None], size=size, mode="nearest")[0].long()

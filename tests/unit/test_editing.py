@@ -61,3 +61,15 @@ def test_nothing_selected_returns_the_input():
     out, region, _ = remove_objects(_ConstSegmenter(), build_diffusion_model(cfg).eval(),
                                     make_train_scheduler(cfg), cfg, image, [6], EditOptions(steps=2, dilate=0))
     assert not region.any() and np.array_equal(out, image)
+
+
+def test_hole_at_model_size_covers_every_partly_selected_pixel():
+    from genseg.editing import _to_model
+
+    image = np.zeros((40, 60, 3), np.uint8)
+    region = np.zeros((40, 60), bool)
+    region[10, 31] = True                      # one image pixel; each model pixel covers 10x10 image pixels
+    _, m, _ = _to_model(image, region, None, (4, 6))
+    expected = torch.zeros(4, 6)
+    expected[1, 3] = 1                         # rows 10..19 -> model row 1, cols 30..39 -> model col 3
+    assert torch.equal(m[0, 0], expected)
