@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--workdir", default="genseg-runs")
     ap.add_argument("--tag", default="", help="suffix for the result files")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the rows of an existing result file that --grid does not re-measure")
+    ap.add_argument("--no-picture", action="store_true", help="skip the guidance picture")
     args = ap.parse_args()
 
     import numpy as np
@@ -71,13 +74,20 @@ def main() -> None:
     path = ROOT / "bench" / "results" / f"diffusion_samplers{args.tag}.json"
     print(f"FD noise floor (two disjoint real sets of {args.num}): {out['fd_real_floor']}", flush=True)
     rows = out["rows"]
+    if args.update and path.exists():
+        old = json.loads(path.read_text())
+        specs = {tuple(spec.split(":")) for spec in args.grid.split(",")}
+        rows.extend(r for r in old["rows"] if (r["sampler"], str(r["steps"])) not in specs)
+        out["fd_real_floor"] = old.get("fd_real_floor", out["fd_real_floor"])
+        out["guidance_picture"] = old.get("guidance_picture")
+        out["command"] = old["command"] + " ; then " + out["command"]
     for spec in args.grid.split(","):
         sampler, steps = spec.split(":")
         res = eval_gen.run(model_dir, seg_dir, args.data, split=args.split, num=args.num, sampler=sampler,
                            steps=int(steps), guidance=args.guidance, batch_size=args.batch_size,
                            inpaint_num=args.inpaint_num if int(steps) <= 100 else 0)
         row = {"sampler": sampler, "steps": int(steps), "s_per_image": res["seconds_per_image"], "fd": res["fd"],
-               "kid": res["kid"], "kid_std": res["kid_std"], "seg_miou_samples": res.get("seg_miou_samples"),
+               "fd_std": res["fd_std"], "kid": res["kid"], "kid_std": res["kid_std"], "seg_miou_samples": res.get("seg_miou_samples"),
                "seg_miou_real_ceiling": res.get("seg_miou_real_ceiling"), "inpaint_psnr": res.get("inpaint_psnr"),
                "inpaint_ssim": res.get("inpaint_ssim"), "protocol": res["protocol"]}
         rows.append(row)
@@ -91,7 +101,7 @@ def main() -> None:
     cfg = ck.config
     noise = make_train_scheduler(cfg)
     picture = None
-    if cfg.cond == "mask":
+    if cfg.cond == "mask" and not args.no_picture:
         labels = label_maps(args.data, args.split, 4, cfg)
         palette = ck.meta["classes"]["palette"]
         cols = [np.concatenate([colorize(m.numpy(), palette) for m in labels], axis=0)]
@@ -101,14 +111,16 @@ def main() -> None:
             cols.append(np.concatenate(list(to_uint8(x).numpy()), axis=0))
         picture = save_png(stack_rows([np.concatenate(cols, axis=1)]),
                            ROOT / "bench" / "results" / f"diffusion_guidance{args.tag}.png")
-    out["guidance_picture"] = str(picture.relative_to(ROOT)) if picture else None
+    if picture:
+        out["guidance_picture"] = str(picture.relative_to(ROOT))
     out["picture_layout"] = "columns: label map | w=0 | w=1 | w=3 | w=5 (DDIM x50, same noise)"
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
 
 
 def compare(rows: list[dict]) -> None:
-    """Speed-up and FD ratio of every row against the DDPM row, once there is one."""
+    """Speed-up and FD ratio of every row against the DDPM row, once there is one; rows in table order."""
+    rows.sort(key=lambda r: (["ddpm", "ddim", "dpmpp"].index(r["sampler"]), r["steps"]))
     base = next((r for r in rows if r["sampler"] == "ddpm"), None)
     for r in rows:
         if base and r is not base:

@@ -22,8 +22,8 @@ from genseg.diffusion.schedules import make_train_scheduler
 from genseg.engine import predict_logits
 from genseg.errors import InputError
 from genseg.metrics import ConfusionMatrix
-from genseg.metrics.generation import (frechet_distance, kernel_inception_distance, psnr_in_mask, random_holes,
-                                       ssim_in_mask)
+from genseg.metrics.generation import (frechet_distance, frechet_distance_std, kernel_inception_distance,
+                                       psnr_in_mask, random_holes, ssim_in_mask)
 from jobs.edit_job import load_segmenter
 from jobs.sample_job import load_diffusion
 from pipelines.shards import iter_split
@@ -83,7 +83,8 @@ def run(diffusion_dir: Path, segmenter_dir: Path, data: str, *, split: str = "va
     f_fake, miou_fake = _features_and_miou(seg, fake, masks, k, ignore)
     kid, kid_std = kernel_inception_distance(f_real, f_fake, subsets=10, subset_size=min(50, n), seed=seed)
     res = {
-        "fd": frechet_distance(f_real, f_fake), "kid": kid, "kid_std": kid_std,
+        "fd": frechet_distance(f_real, f_fake), "fd_std": frechet_distance_std(f_real, f_fake, seed=seed),
+        "kid": kid, "kid_std": kid_std,
         "seconds_per_image": sec_per_image,
     }
     if cfg.cond == "mask":
@@ -118,7 +119,7 @@ def format_report(res: dict) -> str:
              f"w={p['guidance']}, {p['weights']} weights, seed {p['seed']}",
              f"diffusion model {p['diffusion']} (epoch {p['diffusion_epoch'] + 1})",
              f"segmenter {p['segmenter']} (epoch {p['segmenter_epoch'] + 1}); {p['features']}",
-             f"FD   {res['fd']:.4f}", f"KID  {res['kid']:.5f} +- {res['kid_std']:.5f}",
+             f"FD   {res['fd']:.4f} +- {res['fd_std']:.4f} (bootstrap std)", f"KID  {res['kid']:.5f} +- {res['kid_std']:.5f}",
              f"sampling {res['seconds_per_image']:.3f} s/image"]
     if "seg_miou_samples" in res:
         lines.append(f"segmenter mIoU on samples {100 * res['seg_miou_samples']:.2f} "

@@ -2,7 +2,7 @@
 
 * ``ddpm``  ancestral sampling, Ho et al. 2020 Algorithm 2 (use T steps for the true chain)
 * ``ddim``  Song et al. 2021, deterministic (eta = 0), few steps
-* ``dpmpp`` DPM-Solver++ (2M), Lu et al. 2022, few steps
+* ``dpmpp`` DPM-Solver++ (2M), Lu et al. 2022, few steps, with dynamic thresholding
 """
 from __future__ import annotations
 
@@ -16,8 +16,13 @@ from genseg.diffusion.guidance import guided_output
 SAMPLERS: dict[str, Callable] = {
     "ddpm": lambda config: DDPMScheduler.from_config(config),
     "ddim": lambda config: DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=False),
+    # Pixel-space models need the x0 prediction kept in range: DDIM/DDPM clip it (``clip_sample`` in the
+    # training config); DPM-Solver++ gets dynamic thresholding (Saharia et al. 2022), as its authors
+    # recommend for guided pixel-space sampling.  Without it, a label-conditioned model at w=2 gave
+    # FD 67.5 / segmenter mIoU 0.16 on synthetic scenes where DDIM gave 2.6 / 0.65 (bench/README.md).
     "dpmpp": lambda config: DPMSolverMultistepScheduler.from_config(
-        config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"),
+        config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+        thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=3.0),
 }
 
 

@@ -30,6 +30,16 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     return float(fd.clamp(min=0))
 
 
+def frechet_distance_std(feats_a: torch.Tensor, feats_b: torch.Tensor, rounds: int = 50, seed: int = 0) -> float:
+    """Bootstrap standard deviation of :func:`frechet_distance` (both sets resampled with replacement):
+    how much of a difference between two FDs at this sample count is noise."""
+    g = torch.Generator().manual_seed(seed)
+    values = [frechet_distance(feats_a[torch.randint(len(feats_a), (len(feats_a),), generator=g)],
+                               feats_b[torch.randint(len(feats_b), (len(feats_b),), generator=g)])
+              for _ in range(rounds)]
+    return float(torch.tensor(values).std())
+
+
 def kernel_inception_distance(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 10,
                               subset_size: int = 50, seed: int = 0) -> tuple[float, float]:
     """-> (mean, std) of the unbiased polynomial-kernel MMD^2 over ``subsets`` random subsets."""

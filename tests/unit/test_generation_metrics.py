@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from genseg.metrics.generation import (frechet_distance, kernel_inception_distance, psnr_in_mask, random_holes,
-                                       ssim_in_mask)
+from genseg.metrics.generation import (frechet_distance, frechet_distance_std, kernel_inception_distance,
+                                       psnr_in_mask, random_holes, ssim_in_mask)
 
 pytestmark = pytest.mark.unit
 
@@ -46,3 +46,12 @@ def test_random_holes_are_seeded_and_sized():
     a, b = random_holes(4, (40, 60), 0.25, seed=3), random_holes(4, (40, 60), 0.25, seed=3)
     assert torch.equal(a, b) and a.shape == (4, 1, 40, 60)
     assert a[0].mean().item() == pytest.approx(0.25, abs=0.02)
+
+
+def test_frechet_distance_std_shrinks_with_more_samples():
+    g = torch.Generator().manual_seed(0)
+    small = [torch.randn(40, 8, generator=g) for _ in range(2)]
+    large = [torch.randn(640, 8, generator=g) for _ in range(2)]
+    std_small, std_large = frechet_distance_std(*small, rounds=30), frechet_distance_std(*large, rounds=30)
+    assert std_small > 2 * std_large > 0
+    assert frechet_distance_std(*small, rounds=30) == std_small        # seeded
