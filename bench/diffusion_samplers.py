@@ -132,17 +132,17 @@ def compare(rows: list[dict]) -> None:
 
 def real_floor(model_dir, seg_dir, data: str, split: str, num: int) -> dict | None:
     """FD between the evaluation's real set (the first ``num`` images) and the next ``num`` real images."""
+    from genseg import checkpoint as ckpt_lib
     from genseg.metrics.generation import frechet_distance
     from jobs import eval_gen
     from jobs.edit_job import load_segmenter
-    from jobs.sample_job import load_diffusion
 
-    dck, _, _ = load_diffusion(model_dir)
+    size = tuple(ckpt_lib.load(model_dir).config.image_size)
     sck, seg = load_segmenter(seg_dir)
-    images, masks = eval_gen._real_set(data, split, 2 * num, tuple(dck.config.image_size))
+    images, masks = eval_gen.real_set(data, split, 2 * num, size)
     if len(images) < 2 * num:
         return None
-    feats, _ = eval_gen._features_and_miou(seg, images, masks, sck.config.num_classes, sck.config.ignore_index)
+    feats, _ = eval_gen.features_and_miou(seg, images, masks, sck.config.num_classes, sck.config.ignore_index)
     return {"fd": frechet_distance(feats[:num], feats[num:]), "images": num}
 
 

@@ -29,7 +29,7 @@ from jobs.sample_job import load_diffusion
 from pipelines.shards import iter_split
 
 
-def _real_set(data: str, split: str, num: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def real_set(data: str, split: str, num: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """-> images ``(N, H, W, 3) uint8`` and masks ``(N, H, W)`` at the model size."""
     pairs = [diffusion_batch(batch, size, False, None) for batch in iter_split(data, split, limit=num)]
     if sum(len(x) for x, _ in pairs) < 2:
@@ -38,7 +38,7 @@ def _real_set(data: str, split: str, num: int, size: tuple[int, int]) -> tuple[t
 
 
 @torch.no_grad()
-def _features_and_miou(seg, images: torch.Tensor, masks: torch.Tensor, num_classes: int, ignore: int):
+def features_and_miou(seg, images: torch.Tensor, masks: torch.Tensor, num_classes: int, ignore: int):
     feats, cm = [], ConfusionMatrix(num_classes, ignore)
     for img, mask in zip(images, masks):
         x = to_tensors(img.numpy())[None]
@@ -64,7 +64,7 @@ def run(diffusion_dir: Path, segmenter_dir: Path, data: str, *, split: str = "va
     model.to(device)
     noise = make_train_scheduler(cfg)
     w = cfg.guidance if guidance is None else guidance
-    real, masks = _real_set(data, split, num, size)
+    real, masks = real_set(data, split, num, size)
     n = len(real)
     gen = torch.Generator().manual_seed(seed)
     fake = []
@@ -79,8 +79,8 @@ def run(diffusion_dir: Path, segmenter_dir: Path, data: str, *, split: str = "va
     fake = torch.cat(fake)
 
     k, ignore = sck.config.num_classes, sck.config.ignore_index
-    f_real, miou_real = _features_and_miou(seg, real, masks, k, ignore)
-    f_fake, miou_fake = _features_and_miou(seg, fake, masks, k, ignore)
+    f_real, miou_real = features_and_miou(seg, real, masks, k, ignore)
+    f_fake, miou_fake = features_and_miou(seg, fake, masks, k, ignore)
     kid, kid_std = kernel_inception_distance(f_real, f_fake, subsets=10, subset_size=min(50, n), seed=seed)
     res = {
         "fd": frechet_distance(f_real, f_fake), "fd_std": frechet_distance_std(f_real, f_fake, seed=seed),
