@@ -23,11 +23,16 @@ OTHER_RAY = textwrap.dedent("""
 
 
 def test_dashboard_is_local_and_pinned(ray_cluster):
+    """Every process of the cluster is pointed at this cluster's own dashboard, on loopback only."""
     url = os.environ["RAY_API_SERVER_ADDRESS"]
     assert url.startswith("http://127.0.0.1:")
-    ctx = ray_cluster.get_runtime_context()
-    assert ctx.get_node_id()
     assert ray_cluster._private.worker.global_worker.node.address_info["webui_url"] == url.removeprefix("http://")
+
+    @ray_cluster.remote(num_cpus=0)
+    def worker_env() -> str | None:
+        return os.environ.get("RAY_API_SERVER_ADDRESS")
+
+    assert ray_cluster.get(worker_env.remote(), timeout=120) == url
 
 
 def test_state_api_answers_for_this_cluster_with_another_ray_running(ray_cluster):
