@@ -2,8 +2,13 @@
 
 * Frechet distance (Heusel et al. 2017): ||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2)
 * KID (Binkowski et al. 2018): unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3, averaged
-  over random subsets
+  over random proper subsets
+* the real-vs-real noise floor of FD and KID, and a test of whether two FDs differ beyond noise
 * PSNR and SSIM (Wang et al. 2004) restricted to the pixels of a mask, for inpainting
+
+At the sample counts this project can afford (tens to a few hundred), FD and KID are noisy and
+biased upwards; a figure means something only next to its spread and the floor measured between
+two real sets of the same size.
 """
 from __future__ import annotations
 
@@ -11,6 +16,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+# KID's spread comes from subsets that are proper subsets of the data: each subset holds
+# m = min(subset_size, n // 2) samples.  Below KID_MIN_SUBSET samples per subset (n < 2 * KID_MIN_SUBSET)
+# the subsets are too small and too overlapping for their spread to mean anything: std is None.
+KID_MIN_SUBSET = 5
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
@@ -40,25 +50,83 @@ def frechet_distance_std(feats_a: torch.Tensor, feats_b: torch.Tensor, rounds: i
     return float(torch.tensor(values).std())
 
 
+def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Unbiased MMD^2 of ``x (n, D)`` and ``y (m, D)`` under k(x, y) = (x.y / D + 1)^3 (the
+    within-set sums leave out the diagonal k(x_i, x_i))."""
+    n, m, d = len(x), len(y), x.shape[1]
+    kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+    return float((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+                 + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1)) - 2 * kxy.mean())
+
+
 def kernel_inception_distance(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 10,
-                              subset_size: int = 50, seed: int = 0) -> tuple[float, float]:
-    """-> (mean, std) of the unbiased polynomial-kernel MMD^2 over ``subsets`` random subsets."""
+                              subset_size: int = 50, seed: int = 0) -> tuple[float, float | None]:
+    """-> (mean, std) of the unbiased polynomial-kernel MMD^2 over ``subsets`` random subsets.
+
+    Each subset draws ``m = min(subset_size, n // 2)`` samples without replacement from each set
+    (``n`` the smaller set size), so subsets differ and their std measures the estimator's spread
+    at size ``m`` (larger than the spread of an estimate from all ``n``).  When
+    ``n < 2 * KID_MIN_SUBSET`` (or ``subsets < 2``) there are no meaningful subsets: the mean is the
+    unbiased MMD^2 of the whole sets and the std is ``None``.
+    """
     a, b = feats_a.double(), feats_b.double()
-    n = min(subset_size, len(a), len(b))
+    n = min(len(a), len(b))
     if n < 2:
         raise ValueError("KID needs at least 2 samples per set")
-    d = a.shape[1]
+    m = min(subset_size, n // 2)
+    if m < KID_MIN_SUBSET or subsets < 2:
+        return _mmd2_unbiased(a, b), None
     g = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(subsets):
-        x = a[torch.randperm(len(a), generator=g)[:n]]
-        y = b[torch.randperm(len(b), generator=g)[:n]]
-        kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
-        mmd = ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
-               - 2 * kxy.mean())
-        values.append(float(mmd))
-    t = torch.tensor(values)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+    values = torch.tensor([_mmd2_unbiased(a[torch.randperm(len(a), generator=g)[:m]],
+                                          b[torch.randperm(len(b), generator=g)[:m]]) for _ in range(subsets)])
+    return float(values.mean()), float(values.std())
+
+
+def _real_halves(feats_real: torch.Tensor, n: int | None, rounds: int, seed: int):
+    """``rounds`` random pairs of disjoint subsets of ``n`` rows each (default ``len // 2``)."""
+    n = len(feats_real) // 2 if n is None else n
+    if n < 2 or 2 * n > len(feats_real):
+        raise ValueError(f"a noise floor at n={n} needs 2n <= {len(feats_real)} real samples and n >= 2")
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(rounds):
+        perm = torch.randperm(len(feats_real), generator=g)
+        yield feats_real[perm[:n]], feats_real[perm[n: 2 * n]]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), (float(t.std()) if len(values) > 1 else None)
+
+
+def fd_noise_floor(feats_real: torch.Tensor, n: int | None = None, rounds: int = 10,
+                   seed: int = 0) -> tuple[float, float | None]:
+    """The FD between two disjoint random sets of ``n`` real samples (default: two halves),
+    -> (mean, std) over ``rounds`` random splits (std ``None`` for one round).
+
+    FD is biased upwards at small n, so the FD of generated against real at n is only meaningful
+    relative to this floor at the same n: pass ``n`` = the number of generated samples when there
+    are at least 2n real features; a floor at n/2 is higher (more pessimistic) than the floor at n.
+    """
+    return _mean_std([frechet_distance(x, y) for x, y in _real_halves(feats_real, n, rounds, seed)])
+
+
+def kid_noise_floor(feats_real: torch.Tensor, n: int | None = None, rounds: int = 10,
+                    seed: int = 0) -> tuple[float, float | None]:
+    """:func:`fd_noise_floor` for KID: the unbiased MMD^2 of two disjoint real sets of ``n``
+    (mean about 0, since KID is unbiased; its std is the noise a KID at n has to beat)."""
+    return _mean_std([_mmd2_unbiased(x.double(), y.double()) for x, y in _real_halves(feats_real, n, rounds, seed)])
+
+
+def fd_difference_resolved(fd_a: float, std_a: float | None, fd_b: float, std_b: float | None,
+                           k: float = 2.0) -> bool:
+    """Whether ``fd_a`` and ``fd_b`` differ by more than ``k`` combined standard deviations,
+    ``|fd_a - fd_b| > k sqrt(std_a^2 + std_b^2)``.  An unknown std (``None``) means it cannot be
+    resolved.  Benches print "unresolved" when this is False."""
+    if std_a is None or std_b is None:
+        return False
+    if std_a < 0 or std_b < 0 or k < 0:
+        raise ValueError("standard deviations and k must be >= 0")
+    return abs(fd_a - fd_b) > k * math.hypot(std_a, std_b)
 
 
 def psnr_in_mask(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, data_range: float = 1.0) -> float:
@@ -75,8 +143,13 @@ def _gaussian(window: int, sigma: float) -> torch.Tensor:
 
 
 def ssim_map(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, window: int = 11,
-             sigma: float = 1.5) -> torch.Tensor:
-    """Per-pixel SSIM ``(B, C, H, W)`` with a Gaussian window (reflect padding keeps the size)."""
+             sigma: float = 1.5, padding: str = "reflect") -> torch.Tensor:
+    """SSIM of every Gaussian window ``(B, C, H', W')``.  ``padding="reflect"`` keeps the size
+    (``H' = H``, border windows see reflected pixels); ``"valid"`` uses only windows that lie
+    inside the image (``H' = H - window + 1``; entry ``(i, j)`` is the window centred on pixel
+    ``(i + window // 2, j + window // 2)``)."""
+    if padding not in ("reflect", "valid"):
+        raise ValueError(f"padding must be 'reflect' or 'valid', got {padding!r}")
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     g = _gaussian(window, sigma).to(pred)
     ch = pred.shape[1]
@@ -84,7 +157,9 @@ def ssim_map(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, 
     pad = window // 2
 
     def blur(x):
-        return F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), k, groups=ch)
+        if padding == "reflect":
+            x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        return F.conv2d(x, k, groups=ch)
 
     mu_x, mu_y = blur(pred), blur(target)
     sxx = blur(pred * pred) - mu_x ** 2
@@ -93,9 +168,24 @@ def ssim_map(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, 
     return ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
 
 
-def ssim_in_mask(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, data_range: float = 1.0) -> float:
-    m = mask.expand_as(pred).bool()
-    return float(ssim_map(pred.double(), target.double(), data_range)[m].mean())
+def ssim_in_mask(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, data_range: float = 1.0,
+                 window: int = 11, sigma: float = 1.5) -> float | None:
+    """``pred, target (B, C, H, W)``, ``mask (B, 1, H, W)`` -> mean SSIM over the windows that lie
+    entirely inside the mask, or ``None`` when no window fits (a hole narrower than ``window`` in
+    some direction; pass a smaller ``window`` explicitly if that is wanted, and say so).
+
+    Only whole-inside windows count: a window reaching over the hole's edge would compare known,
+    identical pixels and inflate the score.  Equivalently: the window centres are the mask eroded
+    by ``window // 2``, and no padding is used.
+    """
+    m = mask.to(torch.float64)
+    if m.shape[-2] < window or m.shape[-1] < window:
+        return None
+    inside = -F.max_pool2d(-m, window, stride=1) > 0.5       # (B, 1, H', W'): min of the mask under the window
+    if not inside.any():
+        return None
+    s = ssim_map(pred.double(), target.double(), data_range, window, sigma, padding="valid")
+    return float(s[inside.expand_as(s)].mean())
 
 
 def random_holes(n: int, size: tuple[int, int], frac: float = 0.25, seed: int = 0) -> torch.Tensor:
