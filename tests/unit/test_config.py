@@ -1,7 +1,10 @@
+import dataclasses
+import json
+
 import pytest
 
 from genseg import config as C
-from genseg.config import ConfigError, SegConfig
+from genseg.config import ConfigError, DiffusionConfig, SegConfig
 
 pytestmark = pytest.mark.unit
 
@@ -41,6 +44,39 @@ def test_yaml_preset_then_overrides(tmp_path):
         C.load_yaml(SegConfig, bad)
 
 
-def test_config_is_frozen():
-    with pytest.raises(Exception):
-        SegConfig().lr = 1.0  # type: ignore[misc]
+def test_config_registry_names_every_config_class():
+    # a config class missing from CONFIGS saves checkpoints that from_json cannot load back
+    classes = {name for name, obj in vars(C).items()
+               if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == C.__name__}
+    assert classes == set(C.CONFIGS) and {"SegConfig", "DiffusionConfig"} <= classes
+
+
+@pytest.mark.parametrize("name", sorted(C.CONFIGS))
+def test_every_config_round_trips_through_checkpoint_json_with_tuples(name):
+    # non-default values in every tuple field: JSON turns tuples into lists, and a list would
+    # make the loaded config unequal to the saved one (and unhashable, and a different model)
+    cls = C.CONFIGS[name]
+    tuple_over = {"SegConfig": {"crop": [48, 64], "class_weights": [1, 2.5, 3, 1, 1, 1]},
+                  "DiffusionConfig": {"image_size": [32, 48], "channels": [16, 32, 64]}}[name]
+    tuple_fields = {f.name for f in dataclasses.fields(cls) if "tuple" in str(f.type)}
+    assert tuple_fields == set(tuple_over)                # a new tuple field must be added above
+    cfg = C.replace(cls(), tuple_over)
+    text = C.to_json(cfg)                                 # json.dumps(asdict(cfg)): raises on non-JSON values
+    assert json.loads(text)["fields"]["image_size" if name == "DiffusionConfig" else "crop"] in ([32, 48], [48, 64])
+    back = C.from_json(text)
+    assert type(back) is cls and back == cfg and hash(back) == hash(cfg)
+    for field in tuple_fields:
+        assert isinstance(getattr(back, field), tuple), field
+
+
+def test_replace_returns_a_new_config_and_leaves_the_original_unchanged():
+    base = DiffusionConfig()
+    new = C.replace(base, {"lr": "0.01", "channels": "16x32", "image_size": "32x48"})
+    assert (new.lr, new.channels, new.image_size) == (0.01, (16, 32), (32, 48))
+    assert base == DiffusionConfig() and (base.lr, base.channels, base.image_size) == (2e-4, (32, 64, 128), None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        new.lr = 1.0  # type: ignore[misc]
+    # validation runs on the replaced copy too: 2 UNet levels need even sizes
+    with pytest.raises(ConfigError, match="image_size"):
+        C.replace(new, {"image_size": "31x48"})
+    assert new.image_size == (32, 48)
