@@ -52,43 +52,42 @@ def main() -> None:
 
     from genseg import tracking
     from genseg.data.classes import colorize
-    from genseg.diffusion.conditioning import encode_labels
-    from genseg.diffusion.sampling import sample, to_uint8
-    from genseg.diffusion.schedules import make_train_scheduler
+    from genseg.loading import load
     from genseg.viz import save_png, stack_rows
     from jobs import eval_gen
     from jobs.runtime import resolve
-    from jobs.sample_job import label_maps, load_diffusion
+    from jobs.sample_job import label_maps
 
     rt = resolve(args.workdir, None, None)
     tracking.setup(rt.workdir, rt.tracking_uri)
     tmp = tempfile.mkdtemp()
-    model_dir = tracking.resolve_ref(args.model, "best_checkpoint", dst=f"{tmp}/d")
-    seg_dir = tracking.resolve_ref(args.segmenter, "best_checkpoint", dst=f"{tmp}/s")
+    gen_ref = tracking.resolve(args.model, rt.tracking_uri, dst=f"{tmp}/d")
+    seg_ref = tracking.resolve(args.segmenter, rt.tracking_uri, dst=f"{tmp}/s")
+    gen, seg = load(gen_ref, expect="generator"), load(seg_ref, expect="segmenter")
     torch.set_num_threads(os.cpu_count() or 1)
     out = {"benchmark": "diffusion_samplers", "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
            "machine": {"cores": os.cpu_count(), "device": "cpu", "platform": platform.platform()},
            "versions": {"torch": torch.__version__},
            "goal": "fast samplers at 20-50 steps: speedup_vs_ddpm >= 20 and fd <= 1.10 * fd(ddpm x1000)",
-           "fd_real_floor": real_floor(model_dir, seg_dir, args.data, args.split, args.num), "rows": []}
+           "models": {"generator": gen_ref.describe(), "segmenter": seg_ref.describe()}, "rows": []}
     path = ROOT / "bench" / "results" / f"diffusion_samplers{args.tag}.json"
-    print(f"FD noise floor (two disjoint real sets of {args.num}): {out['fd_real_floor']}", flush=True)
     rows = out["rows"]
     if args.update and path.exists():
         old = json.loads(path.read_text())
         specs = {tuple(spec.split(":")) for spec in args.grid.split(",")}
         rows.extend(r for r in old["rows"] if (r["sampler"], str(r["steps"])) not in specs)
-        out["fd_real_floor"] = old.get("fd_real_floor", out["fd_real_floor"])
         out["guidance_picture"] = old.get("guidance_picture")
         out["command"] = old["command"] + " ; then " + out["command"]
     for spec in args.grid.split(","):
         sampler, steps = spec.split(":")
-        res = eval_gen.run(model_dir, seg_dir, args.data, split=args.split, num=args.num, sampler=sampler,
+        res = eval_gen.run(gen, seg, args.data, split=args.split, num=args.num, sampler=sampler,
                            steps=int(steps), guidance=args.guidance, batch_size=args.batch_size,
-                           inpaint_num=args.inpaint_num if int(steps) <= 100 else 0)
+                           inpaint_num=args.inpaint_num if int(steps) <= 100 else 0,
+                           model_ref=gen_ref.describe(), segmenter_ref=seg_ref.describe())
+        out["noise_floor"] = res["noise_floor"]
         row = {"sampler": sampler, "steps": int(steps), "s_per_image": res["seconds_per_image"], "fd": res["fd"],
                "fd_std": res["fd_std"], "kid": res["kid"], "kid_std": res["kid_std"], "seg_miou_samples": res.get("seg_miou_samples"),
-               "seg_miou_real_ceiling": res.get("seg_miou_real_ceiling"), "inpaint_psnr": res.get("inpaint_psnr"),
+               "seg_miou_real_ceiling": res.get("seg_miou_real_ceiling"), "n": res["n"], "inpaint_psnr": res.get("inpaint_psnr"),
                "inpaint_ssim": res.get("inpaint_ssim"), "protocol": res["protocol"]}
         rows.append(row)
         compare(rows)
@@ -97,18 +96,14 @@ def main() -> None:
               f"seg mIoU {row['seg_miou_samples']}", flush=True)
 
     # samples for w in {0, 1, 3, 5} on the same label maps and noise
-    ck, model, _ = load_diffusion(model_dir)
-    cfg = ck.config
-    noise = make_train_scheduler(cfg)
     picture = None
-    if cfg.cond == "mask" and not args.no_picture:
-        labels = label_maps(args.data, args.split, 4, cfg)
-        palette = ck.meta["classes"]["palette"]
+    if gen.conditional and not args.no_picture:
+        labels = label_maps(args.data, args.split, 4, gen)
+        palette = gen.classes["palette"]
         cols = [np.concatenate([colorize(m.numpy(), palette) for m in labels], axis=0)]
         for w in (0.0, 1.0, 3.0, 5.0):
-            x = sample(model, noise, (4, 3, *cfg.image_size), cond=encode_labels(labels, cfg.num_classes), w=w,
-                       sampler="ddim", steps=50, generator=torch.Generator().manual_seed(0))
-            cols.append(np.concatenate(list(to_uint8(x).numpy()), axis=0))
+            x = gen.generate(labels, 4, seed=0, sampler="ddim", steps=50, guidance=w)
+            cols.append(np.concatenate(list(x.numpy()), axis=0))
         picture = save_png(stack_rows([np.concatenate(cols, axis=1)]),
                            ROOT / "bench" / "results" / f"diffusion_guidance{args.tag}.png")
     if picture:
@@ -128,22 +123,6 @@ def compare(rows: list[dict]) -> None:
             r["fd_ratio_vs_ddpm"] = r["fd"] / base["fd"] if base["fd"] else None
             r["meets_goal"] = bool(r["speedup_vs_ddpm"] >= 20 and r["fd_ratio_vs_ddpm"] is not None
                                    and r["fd_ratio_vs_ddpm"] <= 1.10)
-
-
-def real_floor(model_dir, seg_dir, data: str, split: str, num: int) -> dict | None:
-    """FD between the evaluation's real set (the first ``num`` images) and the next ``num`` real images."""
-    from genseg import checkpoint as ckpt_lib
-    from genseg.metrics.generation import frechet_distance
-    from jobs import eval_gen
-    from jobs.edit_job import load_segmenter
-
-    size = tuple(ckpt_lib.load(model_dir).config.image_size)
-    sck, seg = load_segmenter(seg_dir)
-    images, masks = eval_gen.real_set(data, split, 2 * num, size)
-    if len(images) < 2 * num:
-        return None
-    feats, _ = eval_gen.features_and_miou(seg, images, masks, sck.config.num_classes, sck.config.ignore_index)
-    return {"fd": frechet_distance(feats[:num], feats[num:]), "images": num}
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def main() -> None:
 
     from genseg import tracking
     from genseg.editing import EditOptions
+    from genseg.loading import load
     from genseg.viz import save_png
     from jobs import edit_job
     from jobs.runtime import resolve
@@ -46,13 +47,16 @@ def main() -> None:
     rt = resolve(args.workdir, None, None)
     tracking.setup(rt.workdir, rt.tracking_uri)
     tmp = Path(tempfile.mkdtemp())
-    model_dir = tracking.resolve_ref(args.model, "best_checkpoint", dst=tmp / "d")
-    seg_dir = tracking.resolve_ref(args.segmenter, "best_checkpoint", dst=tmp / "s")
-    opts = EditOptions(sampler="ddim", steps=args.steps, resample=args.resample, dilate=args.dilate, seed=args.seed)
+    gen_ref = tracking.resolve(args.model, rt.tracking_uri, dst=tmp / "d")
+    seg_ref = tracking.resolve(args.segmenter, rt.tracking_uri, dst=tmp / "s")
+    gen, seg = load(gen_ref, expect="generator"), load(seg_ref, expect="segmenter")
+    opts = EditOptions(resample=args.resample, dilate=args.dilate, seed=args.seed)
+    sampling = {"sampler": "ddim", "steps": args.steps}
     rows, records = [], []
     for i, path in enumerate(args.image):
         t0 = time.perf_counter()
-        res = edit_job.run(model_dir, seg_dir, path, str(tmp / f"out{i}.png"), remove=args.remove, opts=opts)
+        res = edit_job.run(gen, seg, edit_job.read_image(path), str(tmp / f"out{i}.png"), remove=args.remove,
+                           opts=opts, sampling=sampling)
         seconds = time.perf_counter() - t0
         image = edit_job.read_image(path)
         result = edit_job.read_image(res["out"])
@@ -67,7 +71,8 @@ def main() -> None:
               flush=True)
     picture = save_png(np.concatenate(rows, axis=0), ROOT / "bench" / "results" / f"object_removal{args.tag}.png")
     out = {"benchmark": "object_removal", "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-           "remove": args.remove, "options": opts.__dict__, "images": records, "picture": str(picture.relative_to(ROOT)),
+           "remove": args.remove, "options": {**opts.__dict__, **sampling},
+           "models": {"generator": gen_ref.describe(), "segmenter": seg_ref.describe()}, "images": records, "picture": str(picture.relative_to(ROOT)),
            "picture_layout": "input | removed region (magenta) | result"}
     path = picture.with_suffix(".json")
     path.write_text(json.dumps(out, indent=2))

@@ -1,4 +1,7 @@
-"""Mask-driven editing: segment -> select a region -> inpaint it with the diffusion model.
+"""Mask-driven editing: segment -> select a region -> inpaint it with a generative model.
+
+Works with any :class:`genseg.generation.Generator` (its ``inpaint``) and a
+:class:`genseg.segmenter.Segmenter`; sampling settings are the generator's unless overridden.
 
 * :func:`remove_objects` - segment with the segmenter, select the given classes, dilate, fill the
   hole (label-guided when the diffusion model is label-conditioned: the hole's labels are grown in
@@ -17,29 +20,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genseg.diffusion.conditioning import encode_labels, null_condition
-from genseg.diffusion.inpaint import composite, inpaint
+from genseg.diffusion.inpaint import composite
 from genseg.diffusion.sampling import from_uint8, to_uint8
-from genseg.data.transforms import to_tensors
-from genseg.engine import predict_logits
 
 
 @dataclass(frozen=True)
 class EditOptions:
-    sampler: str = "ddim"
-    steps: int = 25
-    resample: int = 1
-    guidance: float = 1.0
+    resample: int = 1        # RePaint resampling jumps per step
     dilate: int = 3          # grow the selected region by this many pixels (at image resolution)
     feather: int = 2         # soft edge inside the region, in pixels
     seed: int = 0
 
 
-def segment(segmenter, image: np.ndarray, infer_scale: float = 1.0) -> np.ndarray:
+def segment(segmenter, image: np.ndarray) -> np.ndarray:
     """``image (H, W, 3) uint8`` -> class ids ``(H, W)``."""
-    x = to_tensors(image)[None]
-    logits = predict_logits(segmenter.eval(), x, image.shape[:2], infer_scale)
-    return logits.argmax(1)[0].numpy().astype(np.int64)
+    return segmenter.segment(image)
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -86,39 +81,31 @@ def _to_model(image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None, si
     return x, m, lab
 
 
-def _fill(diffusion, train_scheduler, cfg, image: np.ndarray, region: np.ndarray, labels: np.ndarray | None,
-          opts: EditOptions, device="cpu") -> np.ndarray:
+def _fill(gen, image: np.ndarray, region: np.ndarray, labels: np.ndarray | None, opts: EditOptions,
+          sampling: dict | None = None) -> np.ndarray:
     """Regenerate ``region`` of ``image`` at the model's size, then composite at full size."""
-    size = tuple(cfg.image_size)
-    x, m, lab = _to_model(image, region, labels, size)
-    cond, w = None, opts.guidance
-    if cfg.cond == "mask":
-        if lab is not None:
-            cond = encode_labels(lab, cfg.num_classes, cfg.ignore_index)
-        else:
-            cond, w = null_condition(torch.zeros(1, cfg.num_classes + 1, *size)), 0.0
-    gen = torch.Generator().manual_seed(opts.seed)
-    out = inpaint(diffusion, train_scheduler, x, m, cond=cond, w=w, sampler=opts.sampler, steps=opts.steps,
-                  resample=opts.resample, generator=gen, device=device)
-    h, w_ = image.shape[:2]
-    up = F.interpolate(out, size=(h, w_), mode="bilinear", align_corners=False)
+    size = tuple(gen.image_size)
+    x, m, lab = _to_model(image, region, labels if gen.conditional else None, size)
+    out = gen.inpaint(to_uint8(x), m[:, 0] > 0, lab, opts.seed, resample=opts.resample, **(sampling or {}))
+    h, w = image.shape[:2]
+    up = F.interpolate(from_uint8(out), size=(h, w), mode="bilinear", align_corners=False)
     generated = to_uint8(up)[0].numpy()
     return composite(image, generated, region, opts.feather)
 
 
-def remove_objects(segmenter, diffusion, train_scheduler, cfg, image: np.ndarray, classes: list[int],
-                   opts: EditOptions = EditOptions(), device="cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def remove_objects(segmenter, gen, image: np.ndarray, classes: list[int], opts: EditOptions = EditOptions(),
+                   sampling: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (edited image, edited region (H, W) bool, segmentation (H, W))."""
     labels = segment(segmenter, image)
     region = dilate(np.isin(labels, classes), opts.dilate)
     if not region.any():
         return image.copy(), region, labels
-    fill = fill_labels(labels, region) if cfg.cond == "mask" else None
-    return _fill(diffusion, train_scheduler, cfg, image, region, fill, opts, device), region, labels
+    fill = fill_labels(labels, region) if gen.conditional else None
+    return _fill(gen, image, region, fill, opts, sampling), region, labels
 
 
-def replace_background(segmenter, diffusion, train_scheduler, cfg, image: np.ndarray, keep: list[int],
-                       label_map: np.ndarray | None, opts: EditOptions = EditOptions(), device="cpu"
+def replace_background(segmenter, gen, image: np.ndarray, keep: list[int], label_map: np.ndarray | None,
+                       opts: EditOptions = EditOptions(), sampling: dict | None = None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Keep pixels of the ``keep`` classes; synthesize the rest from ``label_map (H, W)`` (resized to
     the image with NEAREST) or unconditionally when it is None."""
@@ -126,8 +113,8 @@ def replace_background(segmenter, diffusion, train_scheduler, cfg, image: np.nda
     foreground = np.isin(labels, keep)
     region = ~foreground
     cond_labels = None
-    if label_map is not None and cfg.cond == "mask":
+    if label_map is not None and gen.conditional:
         lm = F.interpolate(torch.from_numpy(label_map.astype(np.float32))[None, None], size=labels.shape,
                            mode="nearest")[0, 0].numpy().astype(np.int64)
         cond_labels = np.where(foreground, labels, lm)
-    return _fill(diffusion, train_scheduler, cfg, image, region, cond_labels, opts, device), region, labels
+    return _fill(gen, image, region, cond_labels, opts, sampling), region, labels

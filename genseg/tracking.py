@@ -1,18 +1,29 @@
 """MLflow helpers: the embedded sqlite default, one run per training run, the model registry
-with its ``champion`` alias, and resolving a model REF to a local checkpoint directory.
+with its honest ``champion`` rule, MLflow pyfunc models, and :func:`resolve`, the one way a model
+REF becomes a local checkpoint plus the registry version it named.
 
 No Ray here; nothing happens at import.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from genseg.errors import InputError
 
 RUN_NAME_TAG = "genseg.run_name"
 CHAMPION = "champion"
+# tags on a registered model version
+SCORE_NAME_TAG = "genseg.score_name"
+SCORE_TAG = "genseg.score"
+DATA_TAG = "genseg.data_fingerprint"
+SPLIT_TAG = "genseg.scored_on"
+SAMPLING_TAG = "genseg.sampling"
+PYFUNC_CHECKPOINT = "checkpoint"      # the artifact name of the checkpoint inside a pyfunc model
 
 
 class RefError(InputError):
@@ -83,88 +94,240 @@ def flatten(d: dict) -> dict[str, str]:
     return {k: ("None" if v is None else str(list(v) if isinstance(v, tuple) else v))[:500] for k, v in d.items()}
 
 
-def register(run_id: str, artifact_path: str, model_name: str, score_name: str, score: float,
-             higher_is_better: bool = True) -> dict:
-    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``model_name``; give it
-    the ``champion`` alias when ``score`` beats the current champion's."""
-    from mlflow.exceptions import MlflowException
+# ------------------------------------------------------------------ resolving a model REF
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model REF after ONE lookup: where its checkpoint is on disk, and which registry version,
+    run and alias it named at that moment (so a champion switch cannot split the two)."""
+
+    ref: str
+    path: Path                          # local checkpoint directory
+    name: str | None = None             # registered model name
+    version: int | None = None
+    run_id: str | None = None
+    alias: str | None = None
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def sampling(self):
+        """Sampling settings stored on the registry version (e.g. by tuning), or None."""
+        from genseg.generation import SamplingSettings
+
+        text = self.tags.get(SAMPLING_TAG)
+        return SamplingSettings.from_dict(json.loads(text)) if text else None
+
+    def describe(self) -> str:
+        if self.version is None:
+            return self.ref if self.run_id is None else f"{self.ref} (run {self.run_id})"
+        return f"{self.ref} (version {self.version}, run {self.run_id})"
+
+    def to_dict(self) -> dict:
+        return {"ref": self.ref, "path": str(self.path), "name": self.name, "version": self.version,
+                "run_id": self.run_id, "alias": self.alias}
+
+
+def _client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException:
-        client.create_registered_model(model_name)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    mv = client.create_model_version(model_name, source=source, run_id=run_id,
-                                     tags={score_name: f"{score:.6f}"})
-    try:
-        current = client.get_model_version_by_alias(model_name, CHAMPION)
-        current_score = float(current.tags.get(score_name, "nan"))
-    except MlflowException:
-        current, current_score = None, float("nan")
-    if higher_is_better:
-        promoted = current is None or not (current_score >= score)   # NaN-safe: NaN never wins
-    else:
-        promoted = current is None or not (current_score <= score)
-    if promoted:
-        client.set_registered_model_alias(model_name, CHAMPION, mv.version)
-    return {"name": model_name, "version": int(mv.version), "champion": promoted,
-            "previous_champion": None if current is None else int(current.version),
-            "previous_score": None if current is None else current_score}
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def resolve_ref(ref: str, default_artifact: str = "checkpoint", dst: str | Path | None = None) -> Path:
-    """A checkpoint directory, an MLflow run id or a ``models:/name@alias`` / ``models:/name/N``
-    URI -> a local checkpoint directory."""
+def _is_run_id(ref: str) -> bool:
+    return len(ref) == 32 and all(c in "0123456789abcdef" for c in ref)
+
+
+def resolve(ref: str, tracking_uri: str | None = None, dst: str | Path | None = None,
+            default_artifact: str = "best_checkpoint") -> ResolvedModel:
+    """``models:/name@alias``, ``models:/name/N``, an MLflow run id or a checkpoint directory ->
+    :class:`ResolvedModel`, with a single registry lookup.  Artifacts are downloaded into ``dst``
+    (a fresh temporary directory when None: the caller owns it)."""
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     path = Path(ref)
     if path.is_dir():
-        return path
-    client = MlflowClient()
-    try:
-        if ref.startswith("models:/"):
-            source = _model_version(client, ref).source
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=_dst(dst)))
-        if all(c in "0123456789abcdef" for c in ref) and len(ref) == 32:
+        return ResolvedModel(ref, _checkpoint_in(path))
+    if ref.startswith("models:/"):
+        spec = ref[len("models:/"):]
+        if "@" in spec:
+            name, alias = spec.split("@", 1)
+            version = None
+        elif "/" in spec:
+            name, version = spec.split("/", 1)
+            alias = None
+            if not version.isdigit():
+                raise RefError(f"model URI {ref!r}: the version must be a number, e.g. models:/{name}/1")
+        else:
+            raise RefError(f"model URI {ref!r} needs an alias or a version, e.g. models:/{spec}@{CHAMPION}")
+        client = _client(tracking_uri)
+        try:
+            mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=_dst(dst),
+                                                        tracking_uri=tracking_uri)
+        except MlflowException as exc:
+            raise RefError(f"model {ref!r} not found in {tracking_uri or 'the tracking store'} "
+                           f"({exc.message.splitlines()[0]})") from None
+        return ResolvedModel(ref, _checkpoint_in(Path(local)), name, int(mv.version), mv.run_id, alias,
+                             dict(mv.tags or {}))
+    if _is_run_id(ref):
+        client = _client(tracking_uri)
+        try:
             client.get_run(ref)
-            return Path(mlflow.artifacts.download_artifacts(run_id=ref, artifact_path=default_artifact,
-                                                            dst_path=_dst(dst)))
-    except MlflowException as exc:
-        raise RefError(f"model {ref!r} not found in the tracking store ({exc.message.splitlines()[0]})") from None
+            names = {a.path for a in client.list_artifacts(ref)}
+            artifact = default_artifact if default_artifact in names else "checkpoint"
+            local = mlflow.artifacts.download_artifacts(run_id=ref, artifact_path=artifact, dst_path=_dst(dst),
+                                                        tracking_uri=tracking_uri)
+        except MlflowException as exc:
+            raise RefError(f"model {ref!r} not found in {tracking_uri or 'the tracking store'} "
+                           f"({exc.message.splitlines()[0]})") from None
+        return ResolvedModel(ref, _checkpoint_in(Path(local)), run_id=ref)
+    if path.exists():
+        raise RefError(f"model {ref!r} is a file, not a checkpoint directory")
     raise RefError(f"model {ref!r} is neither a checkpoint directory, an MLflow run id, nor a models:/ URI")
 
 
-def _model_version(client, ref: str):
-    spec = ref[len("models:/"):]
-    if "@" in spec:
-        name, alias = spec.split("@", 1)
-        return client.get_model_version_by_alias(name, alias)
-    if "/" in spec:
-        name, version = spec.split("/", 1)
-        return client.get_model_version(name, version)
-    raise RefError(f"model URI {ref!r} needs an alias or version, e.g. models:/{spec}@champion")
+def _checkpoint_in(path: Path) -> Path:
+    """A registered version is an MLflow pyfunc model holding the checkpoint as its ``checkpoint``
+    artifact (the MLmodel file says where); older versions point at the checkpoint directory itself."""
+    mlmodel = path / "MLmodel"
+    if not mlmodel.is_file():
+        return path
+    import yaml
 
-
-def describe_ref(ref: str) -> str:
-    """A model reference for reports: a ``models:/`` URI gains the version and run it points at now."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    if not ref.startswith("models:/"):
-        return ref
     try:
-        mv = _model_version(MlflowClient(), ref)
-    except (MlflowException, RefError):
-        return ref
-    return f"{ref} (version {mv.version}, run {mv.run_id})"
+        doc = yaml.safe_load(mlmodel.read_text()) or {}
+        rel = doc["flavors"]["python_function"]["artifacts"][PYFUNC_CHECKPOINT]["path"]
+    except (KeyError, TypeError, yaml.YAMLError):
+        raise RefError(f"{path} is an MLflow model without a genseg checkpoint artifact") from None
+    return path / rel
 
 
 def _dst(dst):
     if dst is None:
-        return None
+        return tempfile.mkdtemp(prefix="genseg-model-")
     Path(dst).mkdir(parents=True, exist_ok=True)
     return str(dst)
+
+
+# ------------------------------------------------------------------ the registry and its champion
+
+@dataclass(frozen=True)
+class Score:
+    """The figure a version competes on.  ``name`` must mean the same thing for every version of a
+    model (e.g. ``val_miou``; for diffusion the schedule-independent ``val_x0_mse``)."""
+
+    name: str
+    value: float | None
+    higher_is_better: bool = True
+
+    @property
+    def valid(self) -> bool:
+        return isinstance(self.value, (int, float)) and math.isfinite(self.value)
+
+
+def decide_champion(new: Score, new_data: str, new_split: str, current: dict | None,
+                    promote: bool = False) -> tuple[bool, str]:
+    """The champion rule -> (take the alias?, why).  ``current`` is the champion's tags or None.
+
+    * a NaN, infinite or missing score never takes the alias, not even with ``promote``;
+    * a version competes only with a champion scored on the same data (fingerprint), split and
+      score; otherwise the champion is kept, and ``promote`` overrides;
+    * on the same footing the better score wins; a tie keeps the champion."""
+    if not new.valid:
+        return False, f"its {new.name} is {new.value!r}, not a finite number: it never takes the alias"
+    if current is None:
+        return True, "there was no champion"
+    if promote:
+        return True, "--promote was given"
+    cur_data, cur_split = current.get(DATA_TAG), current.get(SPLIT_TAG)
+    cur_name = current.get(SCORE_NAME_TAG)
+    if cur_data is None or cur_name is None:
+        return False, ("the champion has no data fingerprint or score name (registered by an older genseg), "
+                       "so the two are not comparable; pass --promote to replace it")
+    if cur_name != new.name:
+        return False, (f"the champion is scored on {cur_name}, this version on {new.name}: not comparable; "
+                       "pass --promote to replace it")
+    if cur_data != new_data or cur_split != new_split:
+        return False, (f"the champion was scored on other data ({cur_split} of data {cur_data[:12]}, this "
+                       f"version on {new_split} of data {new_data[:12]}); pass --promote to replace it")
+    try:
+        cur = float(current.get(SCORE_TAG, "nan"))
+    except ValueError:
+        cur = float("nan")
+    if not math.isfinite(cur):
+        return True, f"the champion's {new.name} is not a finite number"
+    better = new.value > cur if new.higher_is_better else new.value < cur
+    if better:
+        return True, f"{new.name} {new.value:.6g} beats the champion's {cur:.6g}"
+    return False, f"{new.name} {new.value:.6g} does not beat the champion's {cur:.6g}"
+
+
+def register(run_id: str, artifact_path: str, model_name: str, score: Score, *, data_fingerprint: str,
+             scored_on: str, data_desc: str = "", promote: bool = False, sampling: dict | None = None,
+             tracking_uri: str | None = None) -> dict:
+    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``model_name`` with its score,
+    data fingerprint and sampling settings as tags; give it the ``champion`` alias by
+    :func:`decide_champion`.  Returns what happened and why."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(model_name)
+    tags = {SCORE_NAME_TAG: score.name, SCORE_TAG: repr(score.value) if score.valid else "nan",
+            DATA_TAG: data_fingerprint, SPLIT_TAG: scored_on, "genseg.data": data_desc[:500]}
+    if score.valid:
+        tags[score.name] = f"{score.value:.6f}"
+    if sampling:
+        tags[SAMPLING_TAG] = json.dumps(sampling, sort_keys=True)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags)
+    try:
+        current = client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        current = None
+    take, why = decide_champion(score, data_fingerprint, scored_on,
+                                None if current is None else dict(current.tags or {}), promote)
+    if take:
+        client.set_registered_model_alias(model_name, CHAMPION, mv.version)
+    prev_score = None
+    if current is not None:
+        try:
+            prev_score = float(current.tags.get(SCORE_TAG, current.tags.get(score.name, "nan")))
+        except ValueError:
+            prev_score = None
+    return {"name": model_name, "version": int(mv.version), "champion": take, "reason": why,
+            "score": score.value, "score_name": score.name,
+            "previous_champion": None if current is None else int(current.version),
+            "previous_score": prev_score}
+
+
+# ------------------------------------------------------------------ MLflow pyfunc models
+
+def save_pyfunc(checkpoint_dir: str | Path, out_dir: str | Path, kind: str) -> Path:
+    """Write an MLflow pyfunc model (models-from-code: ``genseg/mlflow_model.py``, no pickled
+    objects) that holds ``checkpoint_dir`` as its artifact, with a tensor signature."""
+    import mlflow.pyfunc
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    if kind == "segmenter":
+        sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
+                             outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "labels")]))
+    else:
+        from mlflow.types.schema import ParamSchema, ParamSpec
+
+        sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1), "label_maps")]),
+                             outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
+                             params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("num", "long", 0),
+                                                 ParamSpec("sampler", "string", ""),
+                                                 ParamSpec("steps", "long", 0),
+                                                 ParamSpec("guidance", "double", -1.0)]))
+    code = Path(__file__).with_name("mlflow_model.py")
+    mlflow.pyfunc.save_model(path=str(out_dir), python_model=str(code),
+                             artifacts={PYFUNC_CHECKPOINT: str(checkpoint_dir)}, signature=sig,
+                             pip_requirements=["genseg"], metadata={"genseg.kind": kind})
+    return Path(out_dir)

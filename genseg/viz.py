@@ -40,3 +40,10 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
+
+
+def upscale(array: np.ndarray, min_width: int) -> np.ndarray:
+    """Enlarge ``(H, W, 3)`` by the smallest whole factor that makes it at least ``min_width`` wide
+    (NEAREST: every model pixel stays a crisp square a person can see)."""
+    factor = max(1, -(-min_width // array.shape[1]))
+    return array if factor == 1 else np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)

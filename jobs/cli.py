@@ -1,4 +1,4 @@
-"""The ``genseg`` command line: the user's front door (see docs/architecture contract).
+"""The ``genseg`` command line: the user's front door (README.md describes every command).
 
 Each subcommand parses flags, resolves the runtime (workdir, MLflow URI, Ray address) and
 calls one function in ``jobs/`` or ``pipelines/``.  Known input problems end as one line on
@@ -27,16 +27,93 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must be HxW with both >= 8, e.g. 360x480; got {text!r}") from None
 
 
+def _count(text: str) -> int:
+    """A whole number >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
+
+def _count0(text: str) -> int:
+    """A whole number >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v}")
+    return v
+
+
+def _steps(text: str) -> int:
+    v = _count(text)
+    if v > 10_000:   # the model's own T is checked when it is loaded
+        raise argparse.ArgumentTypeError(f"{v} sampling steps is more than any model's training timesteps")
+    return v
+
+
+def _guidance(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"guidance must be a finite number >= 0, got {text!r}")
+    return v
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling flags, declared once for every command that samples.  They default to None:
+    the model's own settings (registry version, else its checkpoint) apply unless a flag is given."""
+    from genseg.generation import SAMPLER_NAMES
+
+    g = p.add_argument_group("sampling (default: the model's own settings)")
+    g.add_argument("--sampler", choices=SAMPLER_NAMES, help="ddpm (T steps), ddim or dpmpp")
+    g.add_argument("--steps", type=_steps, help="number of sampling steps")
+    g.add_argument("--guidance", type=_guidance, help="classifier-free guidance weight w "
+                   "(0 = unconditional, 1 = plain conditional, > 1 stronger)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _sampling(args) -> dict:
+    return {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance}
+
+
 def _runtime_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--workdir", help="where runs, checkpoints and the MLflow store live "
                                      "(default ./genseg-runs or $GENSEG_WORKDIR)")
     g.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db)")
-    g.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    g.add_argument("--ray-address", help="join this Ray cluster (HOST:PORT, ray://HOST:10001, or auto for the "
+                                         "one running on this machine) instead of starting a local one")
+    # also accepted before the command (`genseg --verbose train ...`); SUPPRESS keeps that value
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's own logs too (or GENSEG_VERBOSE=1)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line too, pointing at --help (subcommand parsers inherit this)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _readme() -> str:
+    here = Path(__file__).resolve().parents[1] / "README.md"
+    return str(here) if here.is_file() else "README.md in the genseg source repository"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genseg", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="genseg", description="genseg: image/mask data -> Parquet shards -> FCN segmentation "
+                     "and DDPM diffusion models, trained on Ray with MLflow tracking.",
+                     epilog=f"Start with `make demo`. Every command and flag is described in {_readme()}.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs too (or GENSEG_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="turn images + masks into Parquet shards (Ray Data)")
@@ -51,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", help="folder: mask directory")
     p.add_argument("--num-classes", type=int, help="folder: number of classes (default: inferred)")
     p.add_argument("--palette", help="folder: JSON palette file for RGB colour masks")
+    p.add_argument("--binary-masks", action="store_true",
+                   help="folder: masks are binary 0/255 (or 0/1) foreground masks: 255 -> class 1 'foreground'")
     p.add_argument("--val-fraction", type=float, default=0.2, help="synthetic/folder: share held out as val")
     p.add_argument("--skip-bad", action="store_true", help="skip and list bad pairs instead of failing")
     _runtime_flags(p)
@@ -72,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weights", help="none | median-freq | dataset | comma-separated list")
     p.add_argument("--run-name", help="name of the run; re-use it to resume")
     p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts before giving up")
+    p.add_argument("--promote", action="store_true",
+                   help="make this run's model the champion even if the champion was scored on other data")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--json", help="write the run summary here")
     _runtime_flags(p)
@@ -82,16 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "genseg-segmenter for seg, genseg-diffusion for gen)")
     p.add_argument("--segmenter", default="models:/genseg-segmenter@champion",
                    help="gen: the segmenter whose features and mIoU score the samples")
-    p.add_argument("--num", type=int, default=64, help="gen: number of real/generated images")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"), default="ddim")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--inpaint-num", type=int, default=8, help="gen: images for the inpainting PSNR/SSIM")
+    p.add_argument("--num", type=_count, default=64, help="gen: number of real/generated images")
+    _sampling_flags(p)
+    p.add_argument("--inpaint-num", type=_count0, default=8, help="gen: images for the inpainting PSNR/SSIM")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--infer-scale", type=float, help="run the model at this scale (default from its config)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--limit", type=_count, help="evaluate only the first N images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the figures here")
     _runtime_flags(p)
@@ -99,17 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw images from a diffusion model")
     p.add_argument("--model", default="models:/genseg-diffusion@champion",
                    help="checkpoint dir, MLflow run id or models:/ URI (default: the champion)")
-    p.add_argument("--num", type=int, default=8)
+    p.add_argument("--num", type=_count, default=8)
     p.add_argument("--out", required=True, help="directory for the PNGs and grid.png")
     p.add_argument("--masks", help="shard directory whose label maps condition the samples")
     p.add_argument("--split", default="val", help="split of --masks to take label maps from")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"), default="ddim")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w "
-                   "(default: the model's config; 0 = unconditional, 1 = plain conditional)")
-    p.add_argument("--seed", type=int, default=0)
+    _sampling_flags(p)
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_count, default=8)
     p.add_argument("--device", default="cpu")
     _runtime_flags(p)
 
@@ -122,13 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--remove", metavar="CLASS[,CLASS]", help="classes to remove (names or ids)")
     what.add_argument("--background", metavar="LABELMAP", help="label-map PNG for the new background, or 'none'")
     p.add_argument("--keep", metavar="CLASS[,CLASS]", help="with --background: foreground classes to keep")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--resample", type=int, default=1, help="RePaint resampling jumps per step")
-    p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--dilate", type=int, default=3)
-    p.add_argument("--feather", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    _sampling_flags(p)
+    p.add_argument("--resample", type=_count, default=1, help="RePaint resampling jumps per step (ddpm/ddim)")
+    p.add_argument("--dilate", type=_count0, default=3)
+    p.add_argument("--feather", type=_count0, default=2)
     p.add_argument("--device", default="cpu")
     _runtime_flags(p)
 
@@ -144,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_prepare(args, rt) -> int:
     from jobs.runtime import init_ray
     from pipelines import sources
-    from pipelines.prepare import prepare
+    from pipelines.prepare import check_out, prepare
 
+    sources.check_val_fraction(args.val_fraction)
+    if args.binary_masks and args.source != "folder":
+        raise UsageError("--binary-masks applies to --source folder only")
+    check_out(args.out)          # before any work: an --out that holds a user's files is refused
     if args.source == "synthetic":
         src = sources.synthetic(args.num, args.size or (128, 160), args.seed, args.val_fraction)
         size, desc = None, {"source": "synthetic", "num": args.num, "seed": args.seed,
@@ -159,7 +234,8 @@ def cmd_prepare(args, rt) -> int:
     else:
         if not (args.images and args.masks):
             raise UsageError("--source folder needs --images DIR and --masks DIR")
-        src = sources.folder(args.images, args.masks, args.num_classes, args.palette, args.val_fraction, args.seed)
+        src = sources.folder(args.images, args.masks, args.num_classes, args.palette, args.val_fraction, args.seed,
+                             binary_masks=args.binary_masks)
         size, desc = args.size, {"source": "folder", "images": str(Path(args.images).resolve()),
                                  "masks": str(Path(args.masks).resolve())}
     init_ray(rt)
@@ -198,34 +274,86 @@ def task_config(args):
 
 
 def cmd_train(args, rt) -> int:
-    from jobs.runtime import init_ray
+    from jobs.runtime import hold_run, init_ray, prepare_tracking
+    from pipelines.shards import check_split
 
     cfg = task_config(args)
     if args.workers < 1:
         raise UsageError("--workers must be >= 1")
-    init_ray(rt)
-    common = dict(workers=args.workers, gpu=args.gpu, run_name=args.run_name, max_failures=args.max_failures,
-                  cpus_per_worker=args.cpus_per_worker)
+    for split in ("train", "val"):   # before Ray starts: a missing, empty, corrupted or label-less split
+        check_split(args.data, split, need_labels=args.task == "seg")
     if args.task == "seg":
-        from jobs import train_seg
-
-        summary = train_seg.run(args.data, cfg, rt, class_weights=args.class_weights, **common)
+        from jobs import train_seg as job
     else:
-        from jobs import train_diffusion
-
-        summary = train_diffusion.run(args.data, cfg, rt, **common)
+        from jobs import train_diffusion as job
+    # the run name is ours until we return (a second `train --run-name` of it is refused)
+    with hold_run(rt.workdir, args.run_name, args.task) as run_name:
+        try:
+            prepare_tracking(rt, job.TASK.experiment)
+            init_ray(rt)
+            common = dict(workers=args.workers, gpu=args.gpu, run_name=run_name, max_failures=args.max_failures,
+                          cpus_per_worker=args.cpus_per_worker, promote=args.promote)
+            extra = {"class_weights": args.class_weights} if args.task == "seg" else {}
+            summary = job.run(args.data, cfg, rt, **extra, **common)
+        except KeyboardInterrupt:
+            _mark_interrupted(job.TASK.experiment, run_name)
+            raise Interrupted(f"interrupted; run '{run_name}' keeps its checkpoints. Resume it with: "
+                              f"{_resume_command(args, run_name)}") from None
     reg = summary.get("registered")
     score = summary["best_score"]
     shown = f"{100 * score:.2f}" if summary["score"] == "val_miou" else f"{score:.4f}"
     print(f"run '{summary['run_name']}': epoch {summary['final_epoch'] + 1} done, best {summary['score']} "
           f"{shown} (epoch {summary['best_epoch'] + 1})")
     if reg:
-        print(f"registered {reg['name']} version {reg['version']}"
-              + (" as champion" if reg["champion"] else f" (champion stays version {reg['previous_champion']})"))
+        if reg["champion"]:
+            print(f"registered {reg['name']} version {reg['version']} as champion: {reg['reason']}")
+        else:
+            print(f"registered {reg['name']} version {reg['version']}; the champion stays version "
+                  f"{reg['previous_champion']}: {reg['reason']}")
     print(f"best checkpoint: {summary['best_checkpoint']}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _resume_command(args, run_name: str) -> str:
+    """The command line that was run, with ``--run-name`` set to the run it started."""
+    import shlex
+
+    argv, out, skip = list(getattr(args, "argv", None) or sys.argv[1:]), [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--run-name":
+            skip = True
+        elif not a.startswith("--run-name="):
+            out.append(a)
+    return shlex.join(["genseg", *out, "--run-name", run_name])
+
+
+def _mark_interrupted(experiment: str, run_name: str) -> None:
+    """Best effort: the MLflow run of an interrupted training says KILLED, not RUNNING forever."""
+    try:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        from genseg import tracking
+
+        exp = mlflow.get_experiment_by_name(experiment)
+        run = tracking.find_run(exp.experiment_id, run_name) if exp is not None else None
+        if run is not None and run.info.status == "RUNNING":
+            MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+    except Exception:   # the store may be what was interrupted; resuming sets the status again
+        pass
+
+
+def _resolve(ref: str, rt, tmp: str, expect: str, device: str = "cpu"):
+    """REF -> (resolved, loaded model): the one path every command takes to a model."""
+    from genseg import tracking
+    from genseg.loading import load
+
+    resolved = tracking.resolve(ref, rt.tracking_uri, dst=tmp)
+    return resolved, load(resolved, expect=expect, device=device)
 
 
 def cmd_eval(args, rt) -> int:
@@ -240,24 +368,24 @@ def cmd_eval(args, rt) -> int:
 
         ref = args.model or "models:/genseg-diffusion@champion"
         with tempfile.TemporaryDirectory() as tmp:
-            res = eval_gen.run(tracking.resolve_ref(ref, "best_checkpoint", dst=f"{tmp}/d"),
-                               tracking.resolve_ref(args.segmenter, "best_checkpoint", dst=f"{tmp}/s"),
-                               args.data, split=args.split, num=args.num, sampler=args.sampler, steps=args.steps,
-                               guidance=args.guidance, seed=args.seed, inpaint_num=args.inpaint_num,
-                               device=args.device, model_ref=tracking.describe_ref(ref),
-                               segmenter_ref=tracking.describe_ref(args.segmenter))
-        res["model_ref"], res["segmenter_ref"] = ref, args.segmenter
+            dres, gen = _resolve(ref, rt, f"{tmp}/d", "generator", args.device)
+            sres, seg = _resolve(args.segmenter, rt, f"{tmp}/s", "segmenter", args.device)
+            res = eval_gen.run(gen, seg, args.data, split=args.split, num=args.num, seed=args.seed,
+                               inpaint_num=args.inpaint_num, model_ref=dres.describe(),
+                               segmenter_ref=sres.describe(), **_sampling(args))
+        res["model"], res["segmenter"] = dres.to_dict(), sres.to_dict()
         print(eval_gen.format_report(res))
         if args.json:
             eval_seg.write_json(res, args.json)
             print(f"wrote {args.json}")
         return 0
-    args.model = args.model or "models:/genseg-segmenter@champion"
+    ref = args.model or "models:/genseg-segmenter@champion"
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = tracking.resolve_ref(args.model, "best_checkpoint", dst=tmp)
-        res = eval_seg.run(model_dir, args.data, args.split, args.infer_scale, args.device, args.limit)
-    res["model_ref"] = args.model
-    print(f"{args.model} on {args.data} [{args.split}], {res['images']} images at their own resolution")
+        resolved, seg = _resolve(ref, rt, tmp, "segmenter", args.device)
+        res = eval_seg.run(seg, args.data, args.split, args.infer_scale, args.limit)
+    res["model"] = resolved.to_dict()
+    res["model_ref"] = resolved.describe()
+    print(f"{resolved.describe()} on {args.data} [{args.split}], {res['images']} images at their own resolution")
     print(eval_seg.format_table(res))
     if args.json:
         eval_seg.write_json(res, args.json)
@@ -273,12 +401,17 @@ def cmd_sample(args, rt) -> int:
 
     tracking.setup(rt.workdir, rt.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = tracking.resolve_ref(args.model, "best_checkpoint", dst=tmp)
-        res = sample_job.run(model_dir, args.out, num=args.num, masks=args.masks, split=args.split,
-                             sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                             weights=args.weights, batch_size=args.batch_size, device=args.device)
-    print(f"wrote {res['num']} samples and {res['grid']} ({res['sampler']} x{res['steps']}, w={res['guidance']}, "
-          f"{res['seconds_per_image']:.2f} s/image)")
+        from genseg.loading import load
+
+        resolved = tracking.resolve(args.model, rt.tracking_uri, dst=tmp)
+        gen = load(resolved, expect="generator", device=args.device, weights=args.weights)
+        res = sample_job.run(gen, args.out, num=args.num, masks=args.masks, split=args.split, seed=args.seed,
+                             batch_size=args.batch_size, **_sampling(args))
+    res["model"] = resolved.to_dict()
+    sample_job.write_summary(res, args.out)
+    s = res["sampling"]
+    print(f"wrote {res['num']} samples and {res['grid']} from {resolved.describe()} ({s['sampler']} x{s['steps']}, "
+          f"w={s['guidance']}, {res['seconds_per_image']:.2f} s/image)")
     return 0
 
 
@@ -290,13 +423,15 @@ def cmd_edit(args, rt) -> int:
     from jobs import edit_job
 
     tracking.setup(rt.workdir, rt.tracking_uri)
-    opts = EditOptions(sampler=args.sampler, steps=args.steps, resample=args.resample, guidance=args.guidance,
-                       dilate=args.dilate, feather=args.feather, seed=args.seed)
+    opts = EditOptions(resample=args.resample, dilate=args.dilate, feather=args.feather, seed=args.seed)
+    image = edit_job.read_image(args.image)      # a bad image fails before any model is loaded
     with tempfile.TemporaryDirectory() as tmp:
-        diffusion = tracking.resolve_ref(args.model, "best_checkpoint", dst=f"{tmp}/d")
-        segmenter = tracking.resolve_ref(args.segmenter, "best_checkpoint", dst=f"{tmp}/s")
-        res = edit_job.run(diffusion, segmenter, args.image, args.out, remove=args.remove,
-                           background=args.background, keep=args.keep, opts=opts, device=args.device)
+        dres, gen = _resolve(args.model, rt, f"{tmp}/d", "generator", args.device)
+        sres, seg = _resolve(args.segmenter, rt, f"{tmp}/s", "segmenter", args.device)
+        res = edit_job.run(gen, seg, image, args.out, remove=args.remove, background=args.background,
+                           keep=args.keep, opts=opts, sampling=_sampling(args))
+    res["model"], res["segmenter"] = dres.to_dict(), sres.to_dict()
+    edit_job.write_summary(res, args.out)
     print(f"wrote {res['out']} ({res['edited_pixels']} pixels edited; region in {res['mask']})")
     return 0
 
@@ -311,6 +446,10 @@ class UsageError(Exception):
     pass
 
 
+class Interrupted(Exception):
+    """Ctrl-C, with what to do next; exits 130 like any interrupted command."""
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "edit": cmd_edit,
             "demo": cmd_demo}
 
@@ -321,27 +460,48 @@ def _known_errors() -> tuple[type, ...]:
     return (UsageError, InputError, FileNotFoundError)
 
 
+def _check_data(args) -> None:
+    """Shard directories a command reads are checked before it starts any work: present, intact
+    Parquet (footers), rows in the split, and for segmentation scores at least one labelled pixel."""
+    from pipelines.shards import check_split
+
+    if args.command == "eval":
+        check_split(args.data, args.split, need_labels=args.task == "seg")
+    elif args.command == "sample" and getattr(args, "masks", None):
+        check_split(args.masks, args.split, need_labels=False)
+
+
+INTERRUPTED = {"prepare": "interrupted; nothing was written (an earlier output is unchanged)"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from jobs.runtime import resolve
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    from jobs.runtime import quiet_logging, ray_logs_dir, resolve
 
-    rt = resolve(args.workdir, args.tracking_uri, args.ray_address)
+    rt = resolve(args.workdir, args.tracking_uri, args.ray_address, verbose=getattr(args, "verbose", False))
+    quiet_logging(rt.verbose)
     known = _known_errors()
     try:
+        _check_data(args)
         return COMMANDS[args.command](args, rt)
     except known as exc:
         print(f"genseg {args.command}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, (UsageError,)) else 1
-    except Exception as exc:   # a failed Ray Train run: say why in one line, details are in the log above
+    except Interrupted as exc:
+        print(f"genseg {args.command}: {exc}", file=sys.stderr)
+        return 130
+    except Exception as exc:   # a failed Ray Train run: say why in one line; Ray's logs say more
         if type(exc).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
         last = [ln for ln in str(exc).splitlines() if ln.strip()]
-        print(f"genseg {args.command}: error: training failed: {last[-1] if last else type(exc).__name__}",
-              file=sys.stderr)
+        logs = ray_logs_dir()
+        print(f"genseg {args.command}: error: training failed: {last[-1] if last else type(exc).__name__}"
+              + (f" (Ray's logs: {logs})" if logs else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"genseg {args.command}: {INTERRUPTED.get(args.command, 'interrupted')}", file=sys.stderr)
         return 130
 
 

@@ -7,22 +7,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from genseg import checkpoint as ckpt_lib
-from genseg.config import SegConfig
-from genseg.diffusion.schedules import make_train_scheduler
 from genseg.editing import EditOptions, remove_objects, replace_background
 from genseg.errors import InputError
 from genseg.viz import save_png
-from jobs.sample_job import load_diffusion
 
 MAX_PIXELS = 4096 * 4096
-
-
-def load_segmenter(model_dir: Path):
-    ck = ckpt_lib.load(model_dir)
-    if not isinstance(ck.config, SegConfig):
-        raise InputError(f"{model_dir} is a {type(ck.config).__name__} checkpoint, not a segmenter")
-    return ck, ckpt_lib.build_model(ck)
 
 
 def parse_classes(text: str, names: list[str]) -> list[int]:
@@ -41,12 +30,17 @@ def parse_classes(text: str, names: list[str]) -> list[int]:
     return out
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An RGB image, refusing one over ``max_pixels`` before it is decoded."""
     try:
         with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise InputError(f"{path}: {im.width}x{im.height} is larger than the {MAX_PIXELS} pixel limit")
+            if im.width * im.height > max_pixels:
+                raise InputError(f"{path}: {im.width}x{im.height} pixels is over the limit of {max_pixels} "
+                                 f"pixels (4096x4096); downscale it first")
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError:
+        raise InputError(f"{path}: the image is over the limit of {max_pixels} pixels (4096x4096); "
+                         f"downscale it first") from None
     except (OSError, SyntaxError) as exc:
         raise InputError(f"{path}: unreadable image ({exc})") from None
 
@@ -65,33 +59,30 @@ def read_label_map(path: str, num_classes: int) -> np.ndarray:
     return lm.astype(np.int64)
 
 
-def run(diffusion_dir: Path, segmenter_dir: Path, image_path: str, out: str, *, remove: str | None = None,
-        background: str | None = None, keep: str | None = None, opts: EditOptions = EditOptions(),
-        device: str = "cpu") -> dict:
-    dck, diffusion, _ = load_diffusion(diffusion_dir)
-    sck, segmenter = load_segmenter(segmenter_dir)
-    names = list((sck.meta.get("classes") or {}).get("names") or [str(i) for i in range(sck.config.num_classes)])
-    if dck.config.cond == "mask" and dck.config.num_classes != sck.config.num_classes:
-        raise InputError(f"the diffusion model knows {dck.config.num_classes} classes, the segmenter "
-                         f"{sck.config.num_classes}: they must share a label set")
-    image = read_image(image_path)
-    noise = make_train_scheduler(dck.config)
-    diffusion.to(device)
+def run(gen, seg, image: np.ndarray, out: str, *, remove: str | None = None, background: str | None = None,
+        keep: str | None = None, opts: EditOptions = EditOptions(), sampling: dict | None = None) -> dict:
+    """Edit ``image (H, W, 3) uint8`` with a loaded generator and segmenter; write ``out`` (+ mask)."""
+    names = seg.names
+    if gen.conditional and gen.num_classes != seg.num_classes:
+        raise InputError(f"the generative model knows {gen.num_classes} classes, the segmenter "
+                         f"{seg.num_classes}: they must share a label set")
+    settings = gen.settings(**(sampling or {}))              # bad flags fail before any work
     if remove:
         classes = parse_classes(remove, names)
-        result, region, labels = remove_objects(segmenter, diffusion, noise, dck.config, image, classes, opts, device)
+        result, region, labels = remove_objects(seg, gen, image, classes, opts, settings.to_dict())
         action = {"remove": [names[c] for c in classes]}
     else:
         if not keep:
             raise InputError("--background needs --keep CLASS[,CLASS] (the foreground to keep)")
         classes = parse_classes(keep, names)
-        lm = read_label_map(background, sck.config.num_classes) if background and background != "none" else None
-        result, region, labels = replace_background(segmenter, diffusion, noise, dck.config, image, classes, lm,
-                                                    opts, device)
+        lm = read_label_map(background, seg.num_classes) if background and background != "none" else None
+        result, region, labels = replace_background(seg, gen, image, classes, lm, opts, settings.to_dict())
         action = {"keep": [names[c] for c in classes], "background": background}
     out_path = save_png(result, out)
     mask_path = save_png((region * 255).astype(np.uint8), Path(out).with_suffix(".mask.png"))
-    res = {"out": str(out_path), "mask": str(mask_path), **action, "edited_pixels": int(region.sum()),
-           "size": list(image.shape[:2]), "options": opts.__dict__}
-    Path(out).with_suffix(".json").write_text(json.dumps(res, indent=2))
-    return res
+    return {"out": str(out_path), "mask": str(mask_path), **action, "edited_pixels": int(region.sum()),
+            "size": list(image.shape[:2]), "options": opts.__dict__, "sampling": settings.to_dict()}
+
+
+def write_summary(res: dict, out: str) -> None:
+    Path(out).with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))

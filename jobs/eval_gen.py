@@ -1,10 +1,16 @@
 """``genseg eval gen``: generation quality in the project's own segmenter feature space.
 
-Real images are the first ``num`` of a shard split, resized to the diffusion model's size.
-Generated images are sampled on the same label maps (label-conditioned models) or
-unconditionally.  Reports FD and KID on the segmenter's pooled stride-32 features, the
-segmenter's mIoU on conditioned samples with its mIoU on the real images as the ceiling, and
-PSNR/SSIM inside seeded rectangular holes for inpainting.
+Real images are the first ``num`` of a shard split, resized to the generator's size.  Generated
+images are drawn through the generation interface on the same label maps (label-conditioned
+models) or unconditionally.  Reported, each with its n:
+
+* FD and KID on the segmenter's pooled stride-32 features, FD with a bootstrap std, and the
+  real-vs-real noise floor at the same n (two disjoint real sets when the split holds 2n images,
+  else two halves of the real set, at n/2, which overstates the floor at n);
+* the segmenter's mIoU on conditioned samples, with its mIoU on the real images at the same size as
+  the ceiling (the protocol names the segmenter's training size; a ceiling from a segmenter that
+  never saw this resolution is flagged);
+* PSNR/SSIM inside seeded rectangular holes for inpainting (SSIM over windows inside the hole).
 """
 from __future__ import annotations
 
@@ -13,19 +19,11 @@ from pathlib import Path
 
 import torch
 
-from genseg.data.transforms import to_tensors
 from genseg.diffusion.data import diffusion_batch
-from genseg.diffusion.conditioning import encode_labels
-from genseg.diffusion.inpaint import inpaint
-from genseg.diffusion.sampling import from_uint8, sample, to_uint8
-from genseg.diffusion.schedules import make_train_scheduler
-from genseg.engine import predict_logits
+from genseg.diffusion.sampling import to_uint8
 from genseg.errors import InputError
 from genseg.metrics import ConfusionMatrix
-from genseg.metrics.generation import (frechet_distance, frechet_distance_std, kernel_inception_distance,
-                                       psnr_in_mask, random_holes, ssim_in_mask)
-from jobs.edit_job import load_segmenter
-from jobs.sample_job import load_diffusion
+from genseg.metrics import generation as gm
 from pipelines.shards import iter_split
 
 
@@ -38,92 +36,119 @@ def real_set(data: str, split: str, num: int, size: tuple[int, int]) -> tuple[to
 
 
 @torch.no_grad()
-def features_and_miou(seg, images: torch.Tensor, masks: torch.Tensor, num_classes: int, ignore: int):
-    feats, cm = [], ConfusionMatrix(num_classes, ignore)
-    for img, mask in zip(images, masks):
-        x = to_tensors(img.numpy())[None]
-        feats.append(seg.encode(x)[0])
-        cm.update(predict_logits(seg, x, tuple(mask.shape)).argmax(1)[0], mask)
-    return torch.stack(feats), cm.compute()["miou"]
+def features_and_miou(seg, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Segmenter features ``(N, D)`` and its mIoU of ``images`` against ``masks``."""
+    cm = ConfusionMatrix(seg.num_classes, seg.ignore_index)
+    feats = []
+    for i in range(0, len(images), 16):
+        batch = images[i: i + 16]
+        feats.append(seg.features(batch))
+        cm.update(torch.from_numpy(seg.segment_batch(batch.numpy())), masks[i: i + 16])
+    return torch.cat(feats), cm.compute()["miou"]
 
 
-def run(diffusion_dir: Path, segmenter_dir: Path, data: str, *, split: str = "val", num: int = 64,
-        sampler: str = "ddim", steps: int = 25, guidance: float | None = None, seed: int = 0,
-        inpaint_num: int = 8, batch_size: int = 16, device: str = "cpu", model_ref: str | None = None,
-        segmenter_ref: str | None = None) -> dict:
-    """Sample, score and return the figures with their protocol.  ``*_ref`` name the models in the
-    protocol (default: their checkpoint directories)."""
+def noise_floor(seg, data: str, split: str, n: int, size: tuple[int, int], feats_real: torch.Tensor,
+                seed: int) -> dict:
+    """FD/KID between two real sets: disjoint sets of ``n`` when the split has ``2n`` images, else the
+    two halves of the evaluation set (n/2 each; a floor at n/2 is higher than at n)."""
+    more, _ = real_set(data, split, 2 * n, size)
+    if len(more) >= 2 * n:
+        other, _ = features_and_miou(seg, more[n:], torch.zeros(n, *size, dtype=torch.long))
+        a, b, how = feats_real, other, f"two disjoint real sets of {n}"
+    else:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        a, b = feats_real[perm[: n // 2]], feats_real[perm[n // 2: 2 * (n // 2)]]
+        how = f"two disjoint halves of the real set ({n // 2} each; the split has < {2 * n} images)"
+    kid = gm.kernel_inception_distance(a, b, seed=seed) if len(a) >= 2 else (None, None)
+    return {"fd": gm.frechet_distance(a, b), "fd_std": gm.frechet_distance_std(a, b, seed=seed),
+            "kid": kid[0], "n": len(a), "method": how}
+
+
+def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0, inpaint_num: int = 8,
+        batch_size: int = 16, model_ref: str | None = None, segmenter_ref: str | None = None,
+        sampler: str | None = None, steps: int | None = None, guidance: float | None = None) -> dict:
+    """Sample through ``gen`` (a :class:`genseg.generation.Generator`), score with ``seg`` (a
+    :class:`genseg.segmenter.Segmenter`) and return the figures with their protocol."""
     t0 = time.perf_counter()
-    dck, model, weights = load_diffusion(diffusion_dir)
-    sck, seg = load_segmenter(segmenter_dir)
-    cfg = dck.config
-    if cfg.cond == "mask" and cfg.num_classes != sck.config.num_classes:
-        raise InputError("the diffusion model and the segmenter must share a label set "
-                         f"({cfg.num_classes} vs {sck.config.num_classes} classes)")
-    size = tuple(cfg.image_size)
-    model.to(device)
-    noise = make_train_scheduler(cfg)
-    w = cfg.guidance if guidance is None else guidance
+    settings = gen.settings(sampler=sampler, steps=steps, guidance=guidance)
+    if gen.conditional and gen.num_classes != seg.num_classes:
+        raise InputError("the generative model and the segmenter must share a label set "
+                         f"({gen.num_classes} vs {seg.num_classes} classes)")
+    size = tuple(gen.image_size)
     real, masks = real_set(data, split, num, size)
     n = len(real)
-    gen = torch.Generator().manual_seed(seed)
-    fake = []
+    cond = masks if gen.conditional else None
     t_sample = time.perf_counter()
-    for s in range(0, n, batch_size):
-        b = min(batch_size, n - s)
-        cond = encode_labels(masks[s: s + b], cfg.num_classes, cfg.ignore_index) if cfg.cond == "mask" else None
-        x = sample(model, noise, (b, 3, *size), cond=cond, w=w if cond is not None else 1.0, sampler=sampler,
-                   steps=steps, generator=gen, device=device, progress=True)
-        fake.append(to_uint8(x))
+    fake = gen.generate(cond, n, seed, batch_size=batch_size, progress=True, **settings.to_dict())
     sec_per_image = (time.perf_counter() - t_sample) / n
-    fake = torch.cat(fake)
 
-    k, ignore = sck.config.num_classes, sck.config.ignore_index
-    f_real, miou_real = features_and_miou(seg, real, masks, k, ignore)
-    f_fake, miou_fake = features_and_miou(seg, fake, masks, k, ignore)
-    kid, kid_std = kernel_inception_distance(f_real, f_fake, subsets=10, subset_size=min(50, n), seed=seed)
+    f_real, miou_real = features_and_miou(seg, real, masks)
+    f_fake, miou_fake = features_and_miou(seg, fake, masks)
+    kid, kid_std = gm.kernel_inception_distance(f_real, f_fake, seed=seed)
     res = {
-        "fd": frechet_distance(f_real, f_fake), "fd_std": frechet_distance_std(f_real, f_fake, seed=seed),
+        "n": n,
+        "fd": gm.frechet_distance(f_real, f_fake), "fd_std": gm.frechet_distance_std(f_real, f_fake, seed=seed),
         "kid": kid, "kid_std": kid_std,
+        "noise_floor": noise_floor(seg, data, split, n, size, f_real, seed),
         "seconds_per_image": sec_per_image,
     }
-    if cfg.cond == "mask":
+    if gen.conditional:
         res["seg_miou_samples"] = miou_fake
         res["seg_miou_real_ceiling"] = miou_real
+        res["seg_miou_fraction_of_ceiling"] = miou_fake / miou_real if miou_real > 0 else None
 
     if inpaint_num > 0:
         m = min(inpaint_num, n)
-        holes = random_holes(m, size, 0.25, seed)
-        x_known = from_uint8(real[:m])
-        cond = encode_labels(masks[:m], cfg.num_classes, cfg.ignore_index) if cfg.cond == "mask" else None
-        out = inpaint(model, noise, x_known, holes, cond=cond, w=w if cond is not None else 1.0, sampler=sampler,
-                      steps=steps, generator=torch.Generator().manual_seed(seed), device=device)
-        pred01, real01 = (to_uint8(out).permute(0, 3, 1, 2).float() / 255), real[:m].permute(0, 3, 1, 2).float() / 255
-        res["inpaint_psnr"] = psnr_in_mask(pred01, real01, holes)
-        res["inpaint_ssim"] = ssim_in_mask(pred01, real01, holes)
+        holes = gm.random_holes(m, size, 0.25, seed)
+        out = gen.inpaint(real[:m], holes[:, 0] > 0, masks[:m] if gen.conditional else None, seed,
+                          **settings.to_dict())
+        pred01, real01 = out.permute(0, 3, 1, 2).float() / 255, real[:m].permute(0, 3, 1, 2).float() / 255
+        res["inpaint_psnr"] = gm.psnr_in_mask(pred01, real01, holes)
+        res["inpaint_ssim"] = gm.ssim_in_mask(pred01, real01, holes)
+    train_size = (seg.meta or {}).get("train_size") if hasattr(seg, "meta") else None
     res["protocol"] = {
-        "samples": n, "size": list(size), "sampler": sampler, "steps": steps, "guidance": w, "seed": seed,
-        "weights": weights, "data": str(Path(data).resolve()), "split": split,
+        "samples": n, "size": list(size), **settings.to_dict(), "seed": seed,
+        "weights": getattr(gen, "weights", None), "data": str(Path(data).resolve()), "split": split,
         "features": "segmenter stride-32 features, global average pooled",
-        "segmenter": segmenter_ref or str(segmenter_dir), "segmenter_epoch": sck.epoch,
-        "diffusion": model_ref or str(diffusion_dir),
-        "diffusion_epoch": dck.epoch, "inpaint_images": min(inpaint_num, n), "inpaint_hole": "one seeded box, 25%",
+        "segmenter": segmenter_ref or str(getattr(seg, "path", "?")), "segmenter_epoch": getattr(seg, "epoch", -1),
+        "segmenter_train_size": train_size,
+        "segmenter_matches_resolution": None if train_size is None else list(train_size) == list(size),
+        "generator": model_ref or str(getattr(gen, "path", "?")), "generator_kind": gen.kind,
+        "generator_epoch": getattr(gen, "epoch", -1),
+        "inpaint_images": min(inpaint_num, n), "inpaint_hole": "one seeded box, 25%",
     }
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
 
+def _pm(v, std, fmt: str) -> str:
+    return f"{v:{fmt}}" + ("" if std is None else f" +- {std:{fmt}}")
+
+
 def format_report(res: dict) -> str:
-    p = res["protocol"]
-    lines = [f"protocol: {p['samples']} samples at {p['size'][0]}x{p['size'][1]}, {p['sampler']} x{p['steps']}, "
+    p, fl = res["protocol"], res["noise_floor"]
+    lines = [f"protocol: n={p['samples']} samples at {p['size'][0]}x{p['size'][1]}, {p['sampler']} x{p['steps']}, "
              f"w={p['guidance']}, {p['weights']} weights, seed {p['seed']}",
-             f"diffusion model {p['diffusion']} (epoch {p['diffusion_epoch'] + 1})",
+             f"generator {p['generator']} ({p['generator_kind']}, epoch {p['generator_epoch'] + 1})",
              f"segmenter {p['segmenter']} (epoch {p['segmenter_epoch'] + 1}); {p['features']}",
-             f"FD   {res['fd']:.4f} +- {res['fd_std']:.4f} (bootstrap std)", f"KID  {res['kid']:.5f} +- {res['kid_std']:.5f}",
+             f"FD   {_pm(res['fd'], res['fd_std'], '.4f')} (bootstrap std); real-vs-real floor "
+             f"{_pm(fl['fd'], fl['fd_std'], '.4f')} ({fl['method']})",
+             f"KID  {_pm(res['kid'], res['kid_std'], '.5f')}"
+             + ("" if fl.get("kid") is None else f"; real-vs-real floor {fl['kid']:.5f}"),
              f"sampling {res['seconds_per_image']:.3f} s/image"]
+    if res["fd"] - 2 * res["fd_std"] <= fl["fd"] + 2 * (fl["fd_std"] or 0):
+        lines.append("note: FD is within the noise of the real-vs-real floor at this n: samples and real images "
+                     "are not distinguishable by FD here")
     if "seg_miou_samples" in res:
-        lines.append(f"segmenter mIoU on samples {100 * res['seg_miou_samples']:.2f} "
-                     f"(on real images, the ceiling: {100 * res['seg_miou_real_ceiling']:.2f})")
+        frac = res.get("seg_miou_fraction_of_ceiling")
+        lines.append(f"segmenter mIoU on samples {100 * res['seg_miou_samples']:.2f} vs {100 * res['seg_miou_real_ceiling']:.2f} "
+                     f"on the real images (the ceiling)" + ("" if frac is None else f": {100 * frac:.0f} % of it")
+                     + f", n={p['samples']}")
+        if p.get("segmenter_matches_resolution") is False:
+            lines.append(f"warning: the segmenter was trained at {p['segmenter_train_size']}, not at the samples' "
+                         f"{p['size']}: its ceiling and features are not the protocol's")
     if "inpaint_psnr" in res:
-        lines.append(f"inpainting in the hole: PSNR {res['inpaint_psnr']:.2f} dB, SSIM {res['inpaint_ssim']:.4f}")
+        ssim = res["inpaint_ssim"]
+        lines.append(f"inpainting in the hole (n={p['inpaint_images']}): PSNR {res['inpaint_psnr']:.2f} dB, SSIM "
+                     + ("n/a (hole smaller than the SSIM window)" if ssim is None else f"{ssim:.4f}"))
     return "\n".join(lines)

@@ -6,21 +6,16 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
-from genseg import checkpoint as ckpt_lib
 from genseg import engine
 from genseg.data.shards import read_manifest
 from genseg.errors import InputError
 from pipelines.shards import iter_split
 
 
-def run(model_dir: Path, data: str, split: str = "val", infer_scale: float | None = None,
-        device: str = "cpu", limit: int | None = None) -> dict:
-    ck = ckpt_lib.load(model_dir)
-    model = ckpt_lib.build_model(ck).to(device)
+def run(seg, data: str, split: str = "val", infer_scale: float | None = None, limit: int | None = None) -> dict:
+    """Evaluate a loaded :class:`genseg.segmenter.Segmenter` on a shard split."""
     manifest = read_manifest(data)
-    cfg = ck.config
+    cfg = seg.config
     if manifest["num_classes"] != cfg.num_classes:
         raise InputError(f"{data}: shards have {manifest['num_classes']} classes but the model predicts "
                          f"{cfg.num_classes}")
@@ -33,11 +28,15 @@ def run(model_dir: Path, data: str, split: str = "val", infer_scale: float | Non
             count[0] += 1
             yield sample
 
-    cm, _ = engine.evaluate(model, counted(), cfg.num_classes, cfg.ignore_index, scale, device)
+    cm, _ = engine.evaluate(seg.model, counted(), cfg.num_classes, cfg.ignore_index, scale, seg.device)
+    if count[0] == 0:
+        raise InputError(f"{data} [{split}] holds no images to evaluate")
+    if int(cm.mat.sum()) == 0:
+        raise InputError(f"{data} [{split}]: every pixel is the ignore index {cfg.ignore_index}; nothing to score")
     res = cm.compute()
     names = manifest["classes"]["names"]
     return {
-        "model": str(model_dir), "model_epoch": ck.epoch, "data": str(Path(data).resolve()), "split": split,
+        "model_path": str(seg.path), "model_epoch": seg.epoch, "data": str(Path(data).resolve()), "split": split,
         "images": count[0], "pixels": int(cm.mat.sum()),
         "miou": res["miou"], "pixel_acc": res["pixel_acc"], "mean_acc": res["mean_acc"],
         "per_class_iou": {n: _clean(v) for n, v in zip(names, res["iou"])},

@@ -163,7 +163,7 @@ def steps_per_epoch(n_train: int, workers: int, batch_size: int) -> int:
 
 def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict, *, workers: int = 2,
         gpu: bool = False, run_name: str | None = None, max_failures: int = 0, cpus_per_worker: float = 1.0,
-        register: bool = True, log=print) -> dict:
+        register: bool = True, promote: bool = False, log=print) -> dict:
     """Fit ``task`` and return a summary (run ids, best score, checkpoint paths, registry outcome)."""
     from mlflow.tracking import MlflowClient
 
@@ -223,8 +223,34 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
                "tracking_uri": rt.tracking_uri}
     done_epoch = client.get_run(run_id).data.tags.get("genseg.registered_epoch")
     if register and done_epoch != str(final_epoch):
-        summary["registered"] = tracking.register(run_id, "best_checkpoint", task.model_name, task.score,
-                                                  float(best_metrics[task.score]), task.higher_is_better)
+        summary["registered"] = register_best(task, run_id, out / "best", best_metrics, data_dir, rt.tracking_uri,
+                                              promote=promote)
         client.set_tag(run_id, "genseg.registered_epoch", str(final_epoch))
     client.set_terminated(run_id, status="FINISHED")
     return summary
+
+
+def register_best(task: Task, run_id: str, best_dir: Path, best_metrics: dict, data_dir: Path,
+                  tracking_uri: str, promote: bool = False, scored_on: str = "val") -> dict:
+    """Log the best checkpoint as an MLflow pyfunc model and register it; the champion rule decides
+    the alias (same data, comparable finite score; ``promote`` overrides)."""
+    from mlflow.tracking import MlflowClient
+
+    from genseg import tracking
+    from genseg.data.shards import fingerprint
+    from genseg.loading import KINDS, sampling_of
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    ck = ckpt_lib.load(best_dir)
+    kind = KINDS[type(ck.config).__name__][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        tracking.save_pyfunc(best_dir, Path(tmp) / "model", kind)
+        client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
+    digest, desc = fingerprint(data_dir, scored_on)
+    client.set_tag(run_id, tracking.DATA_TAG, digest)
+    value = best_metrics.get(task.score)
+    score = tracking.Score(task.score, None if value is None else float(value), task.higher_is_better)
+    return tracking.register(run_id, "model", task.model_name, score, data_fingerprint=digest, scored_on=scored_on,
+                             data_desc=f"{data_dir} ({desc})", promote=promote,
+                             sampling=None if sampling_of(ck) is None else sampling_of(ck).to_dict(),
+                             tracking_uri=tracking_uri)

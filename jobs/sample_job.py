@@ -1,4 +1,8 @@
-"""``genseg sample``: draw images from a diffusion checkpoint, optionally conditioned on label maps."""
+"""``genseg sample``: draw images from a generative model, optionally conditioned on label maps.
+
+Works with any :class:`genseg.generation.Generator` (diffusion now, GAN later): it never reaches
+into a model family's internals.
+"""
 from __future__ import annotations
 
 import json
@@ -9,91 +13,78 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genseg import checkpoint as ckpt_lib
-from genseg.config import DiffusionConfig
 from genseg.data.classes import colorize
-from genseg.errors import InputError
 from genseg.data.shards import read_manifest
 from genseg.diffusion.data import diffusion_batch
-from genseg.diffusion.conditioning import encode_labels, null_condition
-from genseg.diffusion.sampling import sample, to_uint8
-from genseg.diffusion.schedules import make_train_scheduler
-from genseg.viz import save_png, stack_rows
+from genseg.errors import InputError
+from genseg.viz import save_png, stack_rows, upscale
 from pipelines.shards import iter_split
 
-
-def load_diffusion(model_dir: Path, weights: str = "ema"):
-    ck = ckpt_lib.load(model_dir)
-    if not isinstance(ck.config, DiffusionConfig):
-        raise ckpt_lib.CheckpointError(f"{model_dir} is a {type(ck.config).__name__} checkpoint, not a diffusion model")
-    if weights == "ema" and ckpt_lib.load_weights(model_dir, "ema") is None:
-        weights = "model"
-    return ck, ckpt_lib.build_model(ck, weights=weights), weights
+GRID_MIN_WIDTH = 768     # the grid is upscaled (NEAREST, integer factor) to at least this many pixels
 
 
-def label_maps(shards: str, split: str, num: int, cfg: DiffusionConfig) -> torch.Tensor:
-    """The first ``num`` label maps of a split, resized (NEAREST) to the model's size -> ``(N, H, W)``."""
+def label_maps(shards: str, split: str, num: int, gen) -> torch.Tensor:
+    """The first ``num`` label maps of a split at the model's size (NEAREST) -> ``(N, H, W)``;
+    with fewer maps than ``num`` they are reused in order."""
     manifest = read_manifest(shards)
-    if manifest["num_classes"] != cfg.num_classes:
+    if manifest["num_classes"] != gen.num_classes:
         raise InputError(f"{shards}: label maps have {manifest['num_classes']} classes, the model expects "
-                         f"{cfg.num_classes}")
-    maps = [diffusion_batch(batch, tuple(cfg.image_size), False, None)[1]
+                         f"{gen.num_classes}")
+    maps = [diffusion_batch(batch, tuple(gen.image_size), False, None)[1]
             for batch in iter_split(shards, split, limit=num)]
     if not maps:
         raise InputError(f"{shards} [{split}] holds no label maps")
     maps = torch.cat(maps)
-    return maps[torch.arange(num) % len(maps)]   # fewer maps than samples: reuse them in order
+    return maps[torch.arange(num) % len(maps)]
 
 
-def run(model_dir: Path, out: str, *, num: int = 8, masks: str | None = None, split: str = "val",
-        sampler: str = "ddim", steps: int = 25, guidance: float | None = None, seed: int = 0,
-        weights: str = "ema", batch_size: int = 8, device: str = "cpu") -> dict:
-    ck, model, weights = load_diffusion(model_dir, weights)
-    cfg = ck.config
-    model.to(device)
-    noise = make_train_scheduler(cfg)
-    w = cfg.guidance if guidance is None else guidance
+def run(gen, out: str, *, num: int = 8, masks: str | None = None, split: str = "val", seed: int = 0,
+        batch_size: int = 8, sampler: str | None = None, steps: int | None = None,
+        guidance: float | None = None) -> dict:
+    """Sample ``num`` images into ``out`` (PNGs, label maps, an upscaled ``grid.png``)."""
+    settings = gen.settings(sampler=sampler, steps=steps, guidance=guidance)   # fail before any work
+    if num < 1:
+        raise InputError(f"--num must be >= 1, got {num}")
     labels = None
     if masks:
-        if cfg.cond != "mask":
-            raise InputError("--masks given, but this model is unconditional")
-        labels = label_maps(masks, split, num, cfg)
-    elif cfg.cond == "mask":
-        w = 0.0    # no label maps: the unconditional branch (trained through condition dropout)
+        if not gen.conditional:
+            raise InputError("--masks was given, but this model is unconditional (trained with cond=none)")
+        labels = label_maps(masks, split, num, gen)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    images = []
     t0 = time.perf_counter()
-    for start in range(0, num, batch_size):
-        b = min(batch_size, num - start)
-        cond = None
-        if cfg.cond == "mask":
-            if labels is not None:
-                cond = encode_labels(labels[start: start + b], cfg.num_classes, cfg.ignore_index)
-            else:
-                cond = null_condition(torch.zeros(b, cfg.num_classes + 1, *cfg.image_size))
-        x = sample(model, noise, (b, 3, *cfg.image_size), cond=cond, w=w, sampler=sampler, steps=steps,
-                   generator=gen, device=device, progress=True)
-        images.append(to_uint8(x))
+    images = gen.generate(labels, num, seed, batch_size=batch_size, progress=True,
+                          **settings.to_dict()).numpy()
     seconds = time.perf_counter() - t0
-    images = torch.cat(images).numpy()
-    palette = (ck.meta.get("classes") or {}).get("palette")
+    palette = gen.classes.get("palette")
     for i, img in enumerate(images):
         save_png(img, out_dir / f"sample_{i:04d}.png")
         if labels is not None and palette:
-            save_png(colorize(labels[i].numpy(), palette, cfg.ignore_index), out_dir / f"label_{i:04d}.png")
+            save_png(colorize(labels[i].numpy(), palette, gen.ignore_index), out_dir / f"label_{i:04d}.png")
+    grid = save_png(upscale(grid_picture(images, labels, palette, gen.ignore_index), GRID_MIN_WIDTH),
+                    out_dir / "grid.png")
+    used = settings if labels is not None or not gen.conditional else settings.merged(guidance=0.0)
+    return {"num": int(len(images)), "grid": str(grid), "sampling": used.to_dict(), "seed": seed,
+            "weights": getattr(gen, "weights", None), "size": list(gen.image_size),
+            "conditioned": labels is not None, "kind": gen.kind,
+            "seconds": round(seconds, 3), "seconds_per_image": seconds / max(1, len(images))}
+
+
+def grid_picture(images: np.ndarray, labels: torch.Tensor | None, palette, ignore_index: int) -> np.ndarray:
+    """Rows of ``label map | sample`` (conditioned), else a near-square grid of samples."""
     if labels is not None and palette:
-        rows = [np.concatenate([colorize(labels[i].numpy(), palette, cfg.ignore_index), images[i]], axis=1)
+        rows = [np.concatenate([colorize(labels[i].numpy(), palette, ignore_index), images[i]], axis=1)
                 for i in range(len(images))]
-    else:
-        per_row = max(1, int(math.ceil(math.sqrt(len(images)))))
-        rows = [np.concatenate(list(images[i: i + per_row]) + [np.full_like(images[0], 255)] *
-                               (per_row - len(images[i: i + per_row])), axis=1)
-                for i in range(0, len(images), per_row)]
-    grid = save_png(stack_rows(rows), out_dir / "grid.png")
-    res = {"num": int(len(images)), "grid": str(grid), "sampler": sampler, "steps": steps, "guidance": w,
-           "seed": seed, "weights": weights, "size": list(cfg.image_size), "conditioned": labels is not None,
-           "model": str(model_dir), "seconds": round(seconds, 3), "seconds_per_image": seconds / max(1, len(images))}
-    (out_dir / "samples.json").write_text(json.dumps(res, indent=2))
-    return res
+        # two pairs side by side keep the picture from being a tall strip
+        pairs = [np.concatenate(rows[i: i + 2] + [np.full_like(rows[0], 255)] * (2 - len(rows[i: i + 2])), axis=1)
+                 for i in range(0, len(rows), 2)]
+        return stack_rows(pairs)
+    per_row = max(1, int(math.ceil(math.sqrt(len(images)))))
+    rows = [np.concatenate(list(images[i: i + per_row]) + [np.full_like(images[0], 255)] *
+                           (per_row - len(images[i: i + per_row])), axis=1)
+            for i in range(0, len(images), per_row)]
+    return stack_rows(rows)
+
+
+def write_summary(res: dict, out: str) -> None:
+    (Path(out) / "samples.json").write_text(json.dumps(res, indent=2, default=str))

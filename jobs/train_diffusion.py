@@ -138,7 +138,8 @@ TASK = runner.Task(name="diffusion", experiment="genseg-diffusion", model_name="
 
 
 def run(data: str, cfg: DiffusionConfig, rt, *, workers: int = 2, gpu: bool = False, run_name: str | None = None,
-        max_failures: int = 0, cpus_per_worker: float = 1.0, register: bool = True, log=print) -> dict:
+        max_failures: int = 0, cpus_per_worker: float = 1.0, register: bool = True, promote: bool = False,
+        log=print) -> dict:
     data_dir = Path(data).resolve()
     manifest = read_manifest(data_dir)
     runner.check_splits(data_dir, manifest)
@@ -146,4 +147,5 @@ def run(data: str, cfg: DiffusionConfig, rt, *, workers: int = 2, gpu: bool = Fa
     steps = runner.steps_per_epoch(manifest["splits"]["train"]["count"], workers, cfg.batch_size)
     return runner.run(TASK, data_dir, manifest, cfg, rt, {"steps_per_epoch": steps},
                       workers=workers, gpu=gpu, run_name=run_name or f"diffusion-{time.strftime('%Y%m%d-%H%M%S')}",
-                      max_failures=max_failures, cpus_per_worker=cpus_per_worker, register=register, log=log)
+                      max_failures=max_failures, cpus_per_worker=cpus_per_worker, register=register,
+                      promote=promote, log=log)

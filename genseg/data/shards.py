@@ -42,3 +42,38 @@ def read_manifest(shard_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{shard_dir} holds no {MANIFEST}: prepare it with `genseg prepare` first")
     return json.loads(path.read_text())
+
+
+def fingerprint(shard_dir: str | Path, split: str) -> tuple[str, str]:
+    """-> (hex digest, short description) identifying the data a model was scored on.
+
+    The digest covers the class set (names, count, ignore index), the image sizes, every split's
+    count, the class pixel histogram of the whole data set, and the content of ``split``'s rows
+    (name, image and mask bytes), hashed row by row and combined in name order so it does not
+    depend on file names or block order.  Two preparations of the same data agree; data that
+    differs in any scored pixel does not."""
+    import hashlib
+
+    import pyarrow.dataset as pads
+
+    shard_dir = Path(shard_dir)
+    m = read_manifest(shard_dir)
+    head = {"classes": m["classes"].get("names"), "num_classes": m["num_classes"],
+            "ignore_index": m["ignore_index"], "sizes": m.get("sizes"),
+            "splits": {s: v["count"] for s, v in m["splits"].items()}, "class_pixels": m.get("class_pixels"),
+            "scored": split}
+    rows = []
+    ds = pads.dataset(str(shard_dir / split), format="parquet")
+    for rb in ds.to_batches(columns=["name", "image", "mask"], batch_size=64):
+        for name, image, mask in zip(*(rb.column(c).to_pylist() for c in ("name", "image", "mask"))):
+            h = hashlib.sha256(name.encode())
+            h.update(image)
+            h.update(mask)
+            rows.append((name, h.hexdigest()))
+    digest = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    for name, h in sorted(rows):
+        digest.update(h.encode())
+    src = m.get("source") or {}
+    desc = (f"{src.get('source', '?')} {m['num_classes']} classes, "
+            + ", ".join(f"{s} {v['count']}" for s, v in m["splits"].items()))
+    return digest.hexdigest(), desc

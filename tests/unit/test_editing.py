@@ -4,9 +4,10 @@ import torch
 
 from genseg.config import DiffusionConfig
 from genseg.data.synthetic import make_scene
-from genseg.diffusion.schedules import make_train_scheduler
+from genseg.diffusion.generator import DiffusionGenerator
 from genseg.editing import EditOptions, dilate, fill_labels, remove_objects, replace_background
 from genseg.models.unet import build_diffusion_model
+from genseg.segmenter import Segmenter
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +29,7 @@ def test_dilate_grows_by_radius():
     assert dilate(m, 1).sum() == 9 and dilate(m, 0).sum() == 1
 
 
-class _ConstSegmenter(torch.nn.Module):
+class _ConstNet(torch.nn.Module):
     """Predicts class 5 in the left half, 0 elsewhere: a known region to edit."""
 
     def forward(self, x):
@@ -38,19 +39,29 @@ class _ConstSegmenter(torch.nn.Module):
         return out
 
 
+def _ConstSegmenter():
+    from genseg.config import SegConfig
+
+    return Segmenter(_ConstNet(), SegConfig(num_classes=7, width=8))
+
+
+def _generator(cfg):
+    from genseg.generation import SamplingSettings
+
+    return DiffusionGenerator(build_diffusion_model(cfg), cfg, sampling=SamplingSettings("ddim", 3, 1.0))
+
+
 @pytest.mark.parametrize("cond", ["mask", "none"])
 def test_edits_touch_only_the_selected_region(cond):
     torch.manual_seed(0)
     cfg = DiffusionConfig(cond=cond, num_classes=7, channels=(8, 16), image_size=(16, 16), timesteps=50)
-    diffusion = build_diffusion_model(cfg).eval()
-    noise = make_train_scheduler(cfg)
+    gen = _generator(cfg)
     image, _ = make_scene(0, 1, 24, 30)
-    opts = EditOptions(steps=3, dilate=0, feather=2)
-    out, region, labels = remove_objects(_ConstSegmenter(), diffusion, noise, cfg, image, [5], opts)
+    opts = EditOptions(dilate=0, feather=2)
+    out, region, labels = remove_objects(_ConstSegmenter(), gen, image, [5], opts)
     assert region[:, :15].all() and not region[:, 15:].any()
     assert np.array_equal(out[~region], image[~region]) and not np.array_equal(out[region], image[region])
-    out2, region2, _ = replace_background(_ConstSegmenter(), diffusion, noise, cfg, image, [5],
-                                          np.full((8, 8), 2), opts)
+    out2, region2, _ = replace_background(_ConstSegmenter(), gen, image, [5], np.full((8, 8), 2), opts)
     assert np.array_equal(region2, ~region)
     assert np.array_equal(out2[region], image[region])      # the kept foreground is bit-identical
 
@@ -58,8 +69,7 @@ def test_edits_touch_only_the_selected_region(cond):
 def test_nothing_selected_returns_the_input():
     cfg = DiffusionConfig(cond="none", num_classes=7, channels=(8, 16), image_size=(16, 16), timesteps=50)
     image, _ = make_scene(0, 2, 16, 16)
-    out, region, _ = remove_objects(_ConstSegmenter(), build_diffusion_model(cfg).eval(),
-                                    make_train_scheduler(cfg), cfg, image, [6], EditOptions(steps=2, dilate=0))
+    out, region, _ = remove_objects(_ConstSegmenter(), _generator(cfg), image, [6], EditOptions(dilate=0))
     assert not region.any() and np.array_equal(out, image)
 
 

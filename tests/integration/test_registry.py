@@ -1,0 +1,126 @@
+"""The champion rule, `resolve` and MLflow pyfunc models on a real sqlite MLflow store (no Ray)."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from genseg import checkpoint as ck
+from genseg import tracking
+from genseg.config import SegConfig
+from genseg.data.shards import encode_row, fingerprint
+from genseg.models import build_segmenter
+
+pytestmark = pytest.mark.integration
+
+
+def make_shards(root: Path, seed: int, n_val: int = 3) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", 4), ("val", n_val)):
+        rows = [encode_row(f"{split}{i}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+                           rng.integers(0, 3, (8, 8), dtype=np.uint8)) for i in range(n)]
+        (root / split).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows), root / split / "part-0.parquet")
+    (root / "manifest.json").write_text(json.dumps({
+        "format": "genseg-shards/1", "classes": {"names": ["a", "b", "c"]}, "num_classes": 3, "ignore_index": 255,
+        "splits": {"train": {"count": 4}, "val": {"count": n_val}}, "sizes": [[8, 8]], "size": [8, 8],
+        "class_pixels": [1, 2, 3], "source": {"source": "test"}}))
+    return root
+
+
+@pytest.fixture()
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.setup(tmp_path, uri)
+    exp = tracking.experiment_id("genseg-seg", tmp_path)
+    cfg = SegConfig(num_classes=3, width=8)
+    torch.manual_seed(0)
+    ckpt = ck.save(tmp_path / "best", build_segmenter(cfg), cfg, epoch=0, classes={"names": ["a", "b", "c"]})
+    return uri, exp, ckpt
+
+
+def _version(uri, exp, ckpt, score, data, promote=False, tmp=None):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.create_run(exp)
+    tracking.save_pyfunc(ckpt, tmp / f"model-{run.info.run_id}", "segmenter")
+    client.log_artifacts(run.info.run_id, str(tmp / f"model-{run.info.run_id}"), "model")
+    return tracking.register(run.info.run_id, "model", "genseg-segmenter", tracking.Score("val_miou", score),
+                             data_fingerprint=data, scored_on="val", promote=promote, tracking_uri=uri)
+
+
+def test_champion_rule_on_a_real_registry(store, tmp_path):
+    uri, exp, ckpt = store
+    a = fingerprint(make_shards(tmp_path / "a", seed=0), "val")[0]
+    b = fingerprint(make_shards(tmp_path / "b", seed=1), "val")[0]
+    assert a != b and a == fingerprint(tmp_path / "a", "val")[0]
+
+    v1 = _version(uri, exp, ckpt, 0.5, a, tmp=tmp_path)
+    assert v1["champion"] and v1["reason"] == "there was no champion"
+    worse = _version(uri, exp, ckpt, 0.4, a, tmp=tmp_path)
+    assert not worse["champion"] and "does not beat the champion's 0.5" in worse["reason"]
+    tie = _version(uri, exp, ckpt, 0.5, a, tmp=tmp_path)
+    assert not tie["champion"]
+    for bad in (float("nan"), float("inf"), None):
+        r = _version(uri, exp, ckpt, bad, a, tmp=tmp_path)
+        assert not r["champion"] and "never takes the alias" in r["reason"]
+        r = _version(uri, exp, ckpt, bad, a, promote=True, tmp=tmp_path)   # not even with --promote
+        assert not r["champion"]
+    other = _version(uri, exp, ckpt, 0.99, b, tmp=tmp_path)
+    assert not other["champion"] and "scored on other data" in other["reason"] and "--promote" in other["reason"]
+    better = _version(uri, exp, ckpt, 0.6, a, tmp=tmp_path)
+    assert better["champion"] and better["previous_champion"] == v1["version"]
+
+    champ = tracking.resolve("models:/genseg-segmenter@champion", uri, dst=tmp_path / "dl")
+    assert champ.version == better["version"] and champ.alias == "champion" and champ.run_id
+    assert ck.load(champ.path).config.num_classes == 3         # the checkpoint inside the pyfunc model
+    assert tracking.resolve(f"models:/genseg-segmenter/{v1['version']}", uri, dst=tmp_path / "d2").version == 1
+
+    forced = _version(uri, exp, ckpt, 0.1, b, promote=True, tmp=tmp_path)
+    assert forced["champion"] and forced["reason"] == "--promote was given"
+
+
+def test_a_legacy_champion_without_fingerprint_is_kept_and_says_why():
+    keep, why = tracking.decide_champion(tracking.Score("val_miou", 0.9), "abc", "val", {"val_miou": "0.1"})
+    assert not keep and "older genseg" in why
+    keep, _ = tracking.decide_champion(tracking.Score("val_loss", 0.1, False), "abc", "val",
+                                       {tracking.DATA_TAG: "abc", tracking.SPLIT_TAG: "val",
+                                        tracking.SCORE_NAME_TAG: "val_x0_mse", tracking.SCORE_TAG: "0.5"})
+    assert not keep                                            # another score name is not comparable
+    keep, _ = tracking.decide_champion(tracking.Score("val_x0_mse", 0.1, False), "abc", "val",
+                                       {tracking.DATA_TAG: "abc", tracking.SPLIT_TAG: "val",
+                                        tracking.SCORE_NAME_TAG: "val_x0_mse", tracking.SCORE_TAG: "0.5"})
+    assert keep                                                # lower is better for a loss
+
+
+def test_registered_version_is_a_pyfunc_model(store, tmp_path):
+    import mlflow
+
+    uri, exp, ckpt = store
+    a = fingerprint(make_shards(tmp_path / "a", seed=0), "val")[0]
+    _version(uri, exp, ckpt, 0.5, a, tmp=tmp_path)
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/genseg-segmenter@champion")
+    images = np.random.default_rng(0).integers(0, 255, (2, 16, 24, 3), dtype=np.uint8)
+    labels = model.predict(images)
+    assert labels.shape == (2, 16, 24) and labels.dtype == np.uint8 and labels.max() < 3
+    from genseg.loading import load
+
+    assert np.array_equal(labels, load(ckpt).segment_batch(images))   # the same network as genseg's loader
+    sig = model.metadata.signature
+    assert sig is not None and sig.inputs.inputs[0].shape == (-1, -1, -1, 3)
+
+
+def test_resolve_names_what_is_wrong(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(tracking.RefError, match="not found"):
+        tracking.resolve("models:/genseg-segmenter@champion", uri)
+    with pytest.raises(tracking.RefError, match="needs an alias or a version"):
+        tracking.resolve("models:/genseg-segmenter", uri)
+    with pytest.raises(tracking.RefError, match="neither a checkpoint directory"):
+        tracking.resolve("no-such-thing", uri)
