@@ -1,8 +1,9 @@
 """``genseg train diffusion``: DDPM training on Ray Train over the shared runner.
 
 Label-conditioned (``cond=mask``, semantic image synthesis) or unconditional.  EMA weights are
-kept in every checkpoint and used for sampling; the best checkpoint is the one with the lowest
-validation loss (the DDPM objective on the val split at fixed t and noise).
+kept in every checkpoint and used for sampling; the best checkpoint, and the champion, is the one
+with the lowest ``val_x0_mse`` (genseg.diffusion.score: the x0 error at fixed noise levels, which
+compares models across schedules, T and prediction types; the raw val loss does not).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from genseg.diffusion.data import diffusion_batch
 from genseg.diffusion.ema import EMA
 from genseg.diffusion.sampling import sample, to_uint8
 from genseg.diffusion.schedules import make_train_scheduler
+from genseg.diffusion.score import x0_mse
 from genseg.diffusion.training import diffusion_loss, train_step
 from genseg.models.unet import build_diffusion_model
 from genseg.viz import stack_rows
@@ -45,7 +47,7 @@ def train_loop(loop_config: dict) -> None:
     scheduler = engine.make_scheduler(optimizer, cfg.lr_schedule, cfg.epochs, cfg.warmup_epochs, rt["steps_per_epoch"])
     start_epoch, meta = s.restore(model, optimizer, scheduler, extra_weights={"ema": ema.model})
     ema.updates = int(meta.get("extra_state", {}).get("ema_updates", 0))
-    best = meta.get("best_val_loss", float("inf"))
+    best = meta.get("best_val_x0_mse", float("inf"))
     noise = make_train_scheduler(cfg)
     model = ray.train.torch.prepare_model(model)
     autocast = engine.autocast(s.device, cfg.amp) if s.device.type == "cuda" else None
@@ -66,30 +68,33 @@ def train_loop(loop_config: dict) -> None:
                                      autocast, gen, scaler))
             scheduler.step()
         seconds = time.perf_counter() - t0
-        val_loss = s.mean(_val_loss(ema.model, val_shard, cfg, noise, size, s))
-        best = min(best, val_loss)
+        val_loss, val_x0 = _val_scores(ema.model, val_shard, cfg, noise, size, s)
+        val_loss, val_x0 = s.mean(val_loss), s.mean(val_x0)
+        best = min(best, val_x0)
         metrics = {"epoch": epoch, "train_loss": s.mean(float(np.mean(losses)) if losses else float("nan")),
-                   "val_loss": val_loss, "best_val_loss": best, "lr": optimizer.param_groups[0]["lr"],
+                   "val_loss": val_loss, "val_x0_mse": val_x0, "best_val_x0_mse": best, "lr": optimizer.param_groups[0]["lr"],
                    "samples_per_s": len(losses) * cfg.batch_size * s.world / max(seconds, 1e-9),
                    "epoch_seconds": seconds}
         if s.rank == 0:
-            s.say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f} "
+            s.say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}, val loss {val_loss:.4f}, val x0-MSE {val_x0:.4f} "
                   f"({seconds:.1f}s, {metrics['samples_per_s']:.1f} img/s)")
             picture = None
             if epoch % max(1, cfg.sample_every) == 0 or epoch == cfg.epochs - 1:
                 picture = _sample_grid(ema.model, val_shard, cfg, noise, size, rt["classes"]["palette"], s.device)
             s.log(epoch, metrics, picture, f"samples/epoch_{epoch:03d}.png")
-        s.report(epoch, metrics, model, optimizer, scheduler, meta={"best_val_loss": best},
+        s.report(epoch, metrics, model, optimizer, scheduler, meta={"best_val_x0_mse": best},
                  extra_state={"ema_updates": ema.updates}, extra_weights={"ema": ema.model})
 
 
 @torch.no_grad()
-def _val_loss(model, val_shard, cfg, noise, size, s, max_images: int = 64) -> float:
-    """The DDPM loss of the EMA model on (this worker's share of) val, with a fixed seed so
-    epochs are comparable."""
+def _val_scores(model, val_shard, cfg, noise, size, s, max_images: int = 64) -> tuple[float, float]:
+    """On (this worker's share of) val, with fixed seeds so epochs are comparable: the DDPM loss of
+    the EMA model in its own parameterization, and ``val_x0_mse`` (genseg.diffusion.score), the
+    score that compares models across schedules and prediction types and picks the champion."""
     model.eval()
     gen = torch.Generator().manual_seed(1234 + s.rank)
     total, n, i = 0.0, 0, 0
+    x0_total = 0.0
     for batch in val_shard.iter_batches(batch_size=16, batch_format="numpy"):
         x0, masks = diffusion_batch(batch, size, False, None)
         keep = [j for j in range(len(x0)) if (i + j) % s.world == s.rank]
@@ -99,8 +104,9 @@ def _val_loss(model, val_shard, cfg, noise, size, s, max_images: int = 64) -> fl
         x0, masks = x0[keep], masks[keep]
         cond = encode_labels(masks, cfg.num_classes, cfg.ignore_index).to(s.device) if cfg.cond == "mask" else None
         total += diffusion_loss(model, x0.to(s.device), cond, noise, 0.0, gen).item() * len(x0)
+        x0_total += x0_mse(model, x0.to(s.device), cond, noise, seed=4321 + i)[0]
         n += len(x0)
-    return total / max(n, 1)
+    return total / max(n, 1), x0_total / max(n, 1)
 
 
 @torch.no_grad()
@@ -132,7 +138,7 @@ def build_config(manifest: dict, base: DiffusionConfig, data_dir: Path) -> Diffu
 
 
 TASK = runner.Task(name="diffusion", experiment="genseg-diffusion", model_name="genseg-diffusion",
-                   score="val_loss", higher_is_better=False, loop=train_loop,
+                   score="val_x0_mse", higher_is_better=False, loop=train_loop,
                    model_fields=("cond", "num_classes", "channels", "layers_per_block", "attention", "prediction",
                                  "timesteps"))
 

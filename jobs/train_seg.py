@@ -66,7 +66,8 @@ def train_loop(loop_config: dict) -> None:
                 palette = rt["classes"]["palette"]
                 picture = stack_rows([triptych(i, m, p, palette, cfg.ignore_index) for i, m, p in kept])
             s.log(epoch, {**metrics, **per_class}, picture, f"pictures/epoch_{epoch:03d}.png")
-        s.report(epoch, metrics, model, optimizer, scheduler, meta={"best_miou": best, "val": val})
+        s.report(epoch, metrics, model, optimizer, scheduler,
+                 meta={"best_miou": best, "val": val, "train_size": rt.get("data_size")})
 
 
 def median_frequency_weights(manifest: dict) -> tuple[float, ...]:
@@ -109,7 +110,8 @@ def run(data: str, cfg: SegConfig, rt, *, workers: int = 2, gpu: bool = False, r
     if crop is None:
         raise config_lib.ConfigError(f"{data_dir} holds images of several sizes; set a training crop (--set crop=HxW)")
     steps = runner.steps_per_epoch(manifest["splits"]["train"]["count"], workers, cfg.batch_size)
-    summary = runner.run(TASK, data_dir, manifest, cfg, rt, {"steps_per_epoch": steps, "crop": list(crop)},
+    summary = runner.run(TASK, data_dir, manifest, cfg, rt, {"steps_per_epoch": steps, "crop": list(crop),
+                                                             "data_size": manifest.get("size")},
                          workers=workers, gpu=gpu, run_name=run_name or f"seg-{time.strftime('%Y%m%d-%H%M%S')}",
                          max_failures=max_failures, cpus_per_worker=cpus_per_worker, register=register,
                          promote=promote, log=log)
