@@ -48,20 +48,24 @@ def features_and_miou(seg, images: torch.Tensor, masks: torch.Tensor) -> tuple[t
 
 
 def noise_floor(seg, data: str, split: str, n: int, size: tuple[int, int], feats_real: torch.Tensor,
-                seed: int) -> dict:
-    """FD/KID between two real sets: disjoint sets of ``n`` when the split has ``2n`` images, else the
-    two halves of the evaluation set (n/2 each; a floor at n/2 is higher than at n)."""
+                seed: int) -> dict | None:
+    """FD/KID between two real sets: the evaluation set against the next ``n`` images of the split
+    when it holds ``2n`` (the floor at n, std by bootstrap), else random disjoint halves of the
+    evaluation set (n/2 each, mean and std over 10 splits; a floor at n/2 is higher than at n).
+    None when there are too few images for two sets of at least 2."""
     more, _ = real_set(data, split, 2 * n, size)
     if len(more) >= 2 * n:
         other, _ = features_and_miou(seg, more[n:], torch.zeros(n, *size, dtype=torch.long))
-        a, b, how = feats_real, other, f"two disjoint real sets of {n}"
-    else:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        a, b = feats_real[perm[: n // 2]], feats_real[perm[n // 2: 2 * (n // 2)]]
-        how = f"two disjoint halves of the real set ({n // 2} each; the split has < {2 * n} images)"
-    kid = gm.kernel_inception_distance(a, b, seed=seed) if len(a) >= 2 else (None, None)
-    return {"fd": gm.frechet_distance(a, b), "fd_std": gm.frechet_distance_std(a, b, seed=seed),
-            "kid": kid[0], "n": len(a), "method": how}
+        return {"fd": gm.frechet_distance(feats_real, other),
+                "fd_std": gm.frechet_distance_std(feats_real, other, seed=seed),
+                "kid": gm.kernel_inception_distance(feats_real, other, seed=seed)[0],
+                "n": n, "method": f"the evaluation set against the next {n} real images"}
+    if n < 4:
+        return None
+    fd, fd_std = gm.fd_noise_floor(feats_real, seed=seed)
+    kid, _ = gm.kid_noise_floor(feats_real, seed=seed)
+    return {"fd": fd, "fd_std": fd_std, "kid": kid, "n": n // 2,
+            "method": f"random halves of the real set ({n // 2} each, 10 splits; the split has < {2 * n} images)"}
 
 
 def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0, inpaint_num: int = 8,
@@ -126,7 +130,8 @@ def _pm(v, std, fmt: str) -> str:
 
 
 def format_report(res: dict) -> str:
-    p, fl = res["protocol"], res["noise_floor"]
+    p, fl = res["protocol"], res["noise_floor"] or {"fd": float("nan"), "fd_std": None,
+                                                    "method": "none: too few real images"}
     lines = [f"protocol: n={p['samples']} samples at {p['size'][0]}x{p['size'][1]}, {p['sampler']} x{p['steps']}, "
              f"w={p['guidance']}, {p['weights']} weights, seed {p['seed']}",
              f"generator {p['generator']} ({p['generator_kind']}, epoch {p['generator_epoch'] + 1})",
@@ -136,7 +141,9 @@ def format_report(res: dict) -> str:
              f"KID  {_pm(res['kid'], res['kid_std'], '.5f')}"
              + ("" if fl.get("kid") is None else f"; real-vs-real floor {fl['kid']:.5f}"),
              f"sampling {res['seconds_per_image']:.3f} s/image"]
-    if res["fd"] - 2 * res["fd_std"] <= fl["fd"] + 2 * (fl["fd_std"] or 0):
+    if res["noise_floor"] is None:
+        lines.append("note: no real-vs-real noise floor at this n, so the FD cannot be judged")
+    elif not gm.fd_difference_resolved(res["fd"], res["fd_std"], fl["fd"], fl["fd_std"]):
         lines.append("note: FD is within the noise of the real-vs-real floor at this n: samples and real images "
                      "are not distinguishable by FD here")
     if "seg_miou_samples" in res:

@@ -46,7 +46,11 @@ def test_train_resume_register_and_eval_champion(ray_cluster, tmp_path, capsys):
     versions = client.search_model_versions("name='genseg-segmenter'")
     assert len(versions) == 2                      # one per training invocation that trained epochs
     champ = client.get_model_version_by_alias("genseg-segmenter", "champion")
-    assert champ.version in {v.version for v in versions}
+    from genseg.data.shards import fingerprint
+
+    # the champion records the data it was scored on, and competes only with versions on that data
+    assert champ.tags["genseg.data_fingerprint"] == fingerprint(data, "val")[0]
+    assert champ.tags["genseg.scored_on"] == "val" and champ.tags["genseg.score_name"] == "val_miou"
 
     out = tmp_path / "eval.json"
     capsys.readouterr()
@@ -56,6 +60,9 @@ def test_train_resume_register_and_eval_champion(ray_cluster, tmp_path, capsys):
     assert res["images"] == 5 and res["pixels"] == 5 * 32 * 48
     assert 0.0 <= res["miou"] <= 1.0 and set(res["per_class_iou"]) >= {"sky", "road"}
     assert "mIoU" in printed and f"{100 * res['miou']:.2f}" in printed
+    # one lookup: the version evaluated is the one the alias named
+    assert res["model"]["version"] == int(champ.version) and res["model"]["run_id"] == champ.run_id
+    assert f"models:/genseg-segmenter@champion (version {champ.version}, run {champ.run_id})" in printed
     assert float(champ.tags["val_miou"]) == pytest.approx(
         max(m.value for m in client.get_metric_history(run.info.run_id, "val_miou")), abs=1e-5)
 
