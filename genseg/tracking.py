@@ -326,8 +326,18 @@ def save_pyfunc(checkpoint_dir: str | Path, out_dir: str | Path, kind: str) -> P
                                                  ParamSpec("sampler", "string", ""),
                                                  ParamSpec("steps", "long", 0),
                                                  ParamSpec("guidance", "double", -1.0)]))
+    import warnings
+
     code = Path(__file__).with_name("mlflow_model.py")
+    with warnings.catch_warnings():   # advice about type hints and input examples, not problems
+        warnings.simplefilter("ignore", UserWarning)
+        _save_model(code, checkpoint_dir, out_dir, sig, kind)
+    return Path(out_dir)
+
+
+def _save_model(code, checkpoint_dir, out_dir, sig, kind) -> None:
+    import mlflow.pyfunc
+
     mlflow.pyfunc.save_model(path=str(out_dir), python_model=str(code),
                              artifacts={PYFUNC_CHECKPOINT: str(checkpoint_dir)}, signature=sig,
                              pip_requirements=["genseg"], metadata={"genseg.kind": kind})
-    return Path(out_dir)

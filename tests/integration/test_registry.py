@@ -124,3 +124,22 @@ def test_resolve_names_what_is_wrong(tmp_path):
         tracking.resolve("models:/genseg-segmenter", uri)
     with pytest.raises(tracking.RefError, match="neither a checkpoint directory"):
         tracking.resolve("no-such-thing", uri)
+
+
+def test_diffusion_pyfunc_generates_seeded_images_from_label_maps(tmp_path):
+    import mlflow
+
+    from genseg.config import DiffusionConfig
+    from genseg.models.unet import build_diffusion_model
+
+    cfg = DiffusionConfig(num_classes=3, channels=(8, 16), image_size=(8, 8), timesteps=50, sample_steps=2)
+    path = ck.save(tmp_path / "c", build_diffusion_model(cfg), cfg, epoch=0, classes={"names": ["a", "b", "c"]})
+    model = mlflow.pyfunc.load_model(str(tracking.save_pyfunc(path, tmp_path / "m", "diffusion")))
+    labels = np.random.default_rng(0).integers(0, 3, (2, 8, 8)).astype(np.int64)
+    a = model.predict(labels, params={"seed": 3})
+    assert a.shape == (2, 8, 8, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, model.predict(labels, params={"seed": 3}))
+    assert not np.array_equal(a, model.predict(labels, params={"seed": 4}))
+    from genseg.loading import load
+
+    assert np.array_equal(a, load(path).generate(torch.from_numpy(labels), 2, seed=3).numpy())
