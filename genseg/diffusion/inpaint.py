@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from genseg.diffusion.guidance import guided_output
+from genseg.generation import SamplingError
 from genseg.diffusion.sampling import make_sampler
 
 
@@ -18,7 +19,7 @@ def inpaint(model, train_scheduler, x_known: torch.Tensor, mask: torch.Tensor, *
             generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
     """``x_known (B, 3, H, W)`` in [-1, 1], ``mask (B, 1, H, W)`` with 1 = regenerate -> ``(B, 3, H, W)``."""
     if resample > 1 and sampler == "dpmpp":
-        raise ValueError("resampling needs a stateless sampler (ddpm or ddim), not dpmpp")
+        raise SamplingError("resampling needs a stateless sampler (ddpm or ddim), not dpmpp")
     sched = make_sampler(sampler, train_scheduler, steps)
     alpha_bar = train_scheduler.alphas_cumprod.to(device)
     x_known, mask = x_known.to(device), mask.to(device).float()

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from genseg.diffusion.guidance import guided_output
+from genseg.generation import SamplingError
 
 SAMPLERS: dict[str, Callable] = {
     "ddpm": lambda config: DDPMScheduler.from_config(config),
@@ -28,10 +29,10 @@ SAMPLERS: dict[str, Callable] = {
 
 def make_sampler(name: str, train_scheduler, steps: int):
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+        raise SamplingError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     T = train_scheduler.config.num_train_timesteps
     if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+        raise SamplingError(f"steps must be in 1..{T}, got {steps}")
     sched = SAMPLERS[name](train_scheduler.config)
     sched.set_timesteps(steps)
     return sched
