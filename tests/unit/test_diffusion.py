@@ -132,13 +132,15 @@ def test_tiny_model_overfits_one_batch(prediction):
     cond = encode_labels(mask, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ema = EMA(model, 0.9)
+    p_init = torch.cat([p.detach().flatten() for p in model.parameters()])
     losses = [train_step(model, opt, x0, cond, sched, cfg.p_uncond, ema, generator=g) for _ in range(150)]
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.35 * first, (first, last)
-    # EMA weights moved away from the initial weights towards the trained ones
-    p_model = next(iter(model.parameters()))
-    p_ema = next(iter(ema.model.parameters()))
-    assert not torch.equal(p_model, p_ema) and ema.updates == 150
+    # the EMA (decay 0.9: ~10 steps of memory) tracks the trained weights, far closer to them than the init
+    p_model = torch.cat([p.detach().flatten() for p in model.parameters()])
+    p_ema = torch.cat([p.flatten() for p in ema.model.parameters()])
+    assert ema.updates == 150
+    assert (p_ema - p_model).norm() < 0.2 * (p_init - p_model).norm()
 
 
 def test_loss_rejects_condition_mismatch():
@@ -190,3 +192,141 @@ def test_composite_is_bit_identical_outside_the_mask_and_feathered_inside():
     assert np.array_equal(out[10, 15], generated[10, 15])      # deep inside: fully generated
     soft = feather(mask, 3)
     assert soft[~mask].max() == 0 and soft[10, 15] == 1 and 0 < soft[5, 15] < 1
+
+
+# ---------------------------------------------------------------- EMA: exact values, devices, DDP
+
+class _Tiny(torch.nn.Module):
+    """One weight and an integer buffer (like BatchNorm's counter)."""
+
+    def __init__(self, w: float = 1.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([w]))
+        self.register_buffer("count", torch.tensor(0))
+
+
+def _updates(ema, model, values):
+    for n, v in enumerate(values, 1):
+        with torch.no_grad():
+            model.w.fill_(v)
+            model.count.fill_(10 * n)
+        ema.update(model)
+
+
+def test_ema_is_the_hand_computed_warm_up_average():
+    # d_n = min(decay, (1 + n) / (10 + n)); ema_n = d_n * ema_{n-1} + (1 - d_n) * w_n, ema_0 = 1
+    model = _Tiny(1.0)
+    ema = EMA(model, decay=0.5)                 # warm-up dominates: d = 2/11, 3/12, 4/13
+    _updates(ema, model, [3.0, -1.0, 5.0])
+    e1 = 2 / 11 * 1.0 + 9 / 11 * 3.0            # 29/11
+    e2 = 3 / 12 * e1 + 9 / 12 * -1.0            # -1/11
+    e3 = 4 / 13 * e2 + 9 / 13 * 5.0             # 491/143
+    assert (e1, e2, e3) == pytest.approx((29 / 11, -1 / 11, 491 / 143))
+    assert ema.model.w.item() == pytest.approx(491 / 143, rel=1e-6) and ema.updates == 3
+    assert ema.model.count.item() == 30          # integer buffers are copied, not averaged
+
+    capped = EMA(_Tiny(1.0), decay=0.1)          # decay below the warm-up value: d = 0.1 throughout
+    _updates(capped, model, [3.0, 5.0])
+    assert capped.model.w.item() == pytest.approx(0.1 * (0.1 * 1.0 + 0.9 * 3.0) + 0.9 * 5.0, rel=1e-6)
+
+
+def test_ema_resumes_from_its_update_count():
+    # a resumed EMA (weights + updates restored) continues exactly like one that never stopped
+    model = _Tiny(1.0)
+    straight = EMA(model, decay=0.5)
+    _updates(straight, model, [3.0, -1.0, 5.0, 2.0])
+    first = EMA(_Tiny(1.0), decay=0.5)
+    _updates(first, model, [3.0, -1.0])
+    resumed = EMA(_Tiny(0.0), decay=0.5)
+    resumed.model.load_state_dict(first.model.state_dict())
+    resumed.updates = first.updates
+    _updates(resumed, model, [5.0, 2.0])
+    assert resumed.model.w.item() == straight.model.w.item()
+
+
+def test_ema_follows_the_model_to_its_device_and_keeps_its_dtype():
+    # "meta" stands in for a GPU here: a second device the averages must follow
+    model = _Tiny(1.0)
+    ema = EMA(model, decay=0.5)
+    model.to("meta")
+    ema.update(model)
+    assert {t.device.type for t in ema.model.state_dict().values()} == {"meta"}
+    assert ema.device.type == "meta"
+    moved = EMA(_Tiny(1.0), decay=0.5).to("meta")      # explicit move, as the training loop does
+    assert {t.device.type for t in moved.model.state_dict().values()} == {"meta"}
+    # a float64 model: the EMA keeps its own float32 average and takes the cast update
+    m64 = _Tiny(3.0).double()
+    e = EMA(_Tiny(1.0), decay=0.5)
+    e.update(m64)
+    assert e.model.w.dtype == torch.float32 and e.model.w.item() == pytest.approx(2 / 11 + 27 / 11, rel=1e-6)
+
+
+def test_ema_and_train_step_through_a_ddp_wrapper(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = _Tiny(1.0)
+        ddp = DDP(model)
+        ema = EMA(ddp, decay=0.5)                      # copies the inner module: no "module." prefix
+        assert set(ema.model.state_dict()) == {"w", "count"}
+        with torch.no_grad():
+            model.w.fill_(3.0)
+        ema.update(ddp)
+        assert ema.model.w.item() == pytest.approx(29 / 11, rel=1e-6)
+
+        cfg, unet, sched = _tiny()
+        wrapped = DDP(unet)
+        ema2 = EMA(wrapped, 0.9)
+        before = [p.detach().clone() for p in ema2.model.parameters()]
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+        cond = encode_labels(torch.zeros(2, 16, 16, dtype=torch.long), 3)
+        loss = train_step(wrapped, opt, torch.zeros(2, 3, 16, 16), cond, sched, 0.1, ema2,
+                          generator=torch.Generator().manual_seed(0))
+        assert np.isfinite(loss) and ema2.updates == 1
+        d = 2 / 11                                     # first update: ema = d * before + (1 - d) * trained
+        for b, e, p in zip(before, ema2.model.parameters(), unet.parameters()):
+            assert torch.allclose(e, d * b + (1 - d) * p.detach(), atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_and_samplers_keep_every_tensor_on_the_model_device():
+    # the model on a second device ("meta": shapes only, no CUDA needed); a CPU generator drives
+    # the noise, as in training; every result must come back on that device
+    import copy
+
+    cfg, model, sched = _tiny()
+    meta = copy.deepcopy(model).eval().to("meta")
+    cond = encode_labels(torch.zeros(2, 16, 16, dtype=torch.long), 3)
+    g = torch.Generator().manual_seed(0)
+    loss = diffusion_loss(meta, torch.zeros(2, 3, 16, 16, device="meta"), cond.to("meta"), sched, 0.5, g)
+    assert loss.device.type == "meta"
+    for sampler in ("ddpm", "ddim", "dpmpp"):
+        x = sample(meta, sched, (2, 3, 16, 16), cond=cond, w=2.0, sampler=sampler, steps=3, generator=g, device="meta")
+        assert x.device.type == "meta" and x.shape == (2, 3, 16, 16)
+    x = inpaint(meta, sched, torch.zeros(1, 3, 16, 16), torch.ones(1, 1, 16, 16), cond=cond[:1], steps=3, resample=2,
+                generator=g, device="meta")
+    assert x.device.type == "meta"
+
+
+def test_train_step_takes_an_autocast_factory_or_context():
+    # a fresh context per step from a factory, or one reusable context; the CPU path ignores neither
+    import contextlib
+
+    cfg, model, sched = _tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cond = encode_labels(torch.zeros(1, 16, 16, dtype=torch.long), 3)
+    entered = []
+
+    @contextlib.contextmanager
+    def ctx():
+        entered.append(1)
+        yield
+
+    x0 = torch.zeros(1, 3, 16, 16)
+    a = train_step(model, opt, x0, cond, sched, 0.0, autocast=ctx, generator=torch.Generator().manual_seed(0))
+    b = train_step(model, opt, x0, cond, sched, 0.0, autocast=contextlib.nullcontext(),
+                   generator=torch.Generator().manual_seed(0))
+    assert entered == [1] and a == b
