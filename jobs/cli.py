@@ -454,11 +454,16 @@ def _known_errors() -> tuple[type, ...]:
     return (UsageError, InputError, FileNotFoundError)
 
 
-def _check_data(args) -> None:
-    """Shard directories a command reads are checked before it starts any work: present, intact
-    Parquet (footers), rows in the split, and for segmentation scores at least one labelled pixel."""
+def _preflight(args, rt) -> None:
+    """Checks that need no work done, before any is: a cluster address that answers, and the
+    shard directories a command reads (present, intact Parquet footers, rows in the split and,
+    for segmentation scores, at least one labelled pixel)."""
     from pipelines.shards import check_split
 
+    if args.command in ("prepare", "train", "demo") and rt.ray_address not in (None, "auto", "local"):
+        from jobs.runtime import check_reachable
+
+        check_reachable(rt.ray_address)
     if args.command == "eval":
         check_split(args.data, args.split, need_labels=args.task == "seg")
     elif args.command == "sample" and getattr(args, "masks", None):
@@ -478,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logging(rt.verbose)
     known = _known_errors()
     try:
-        _check_data(args)
+        _preflight(args, rt)
         return COMMANDS[args.command](args, rt)
     except known as exc:
         print(f"genseg {args.command}: error: {exc}", file=sys.stderr)

@@ -4,6 +4,8 @@ Decoding runs in parallel Ray Data tasks (``map_batches``), never in the driver.
 (unreadable files, missing partners, size mismatches, labels out of range) are gathered from
 all files and reported together.  Output is built in a temporary directory next to ``out``
 and swapped into place only when complete, so a failed run leaves any earlier output intact.
+``out`` may only be new, empty, or an earlier genseg shard directory: a directory holding
+anything else is refused, so nothing a user wrote is ever deleted.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from genseg.data.classes import ClassSpec, default_palette, rgb_to_index
 from genseg.data.shards import MANIFEST, encode_row
 from genseg.errors import InputError
 from genseg.data.synthetic import make_scene
+from pipelines.shards import FORMAT
 from pipelines.sources import Source
 
 IGNORE = 255
@@ -29,6 +32,44 @@ MAX_LISTED = 20
 
 class PrepareError(InputError):
     """Bad input files; the message names them (first 20)."""
+
+
+class OutputError(InputError):
+    """``--out`` names something genseg may not replace."""
+
+
+def check_out(out: str | Path) -> None:
+    """Refuse an ``out`` that holds anything but an earlier genseg shard directory.
+
+    Replaceable: a path that does not exist, an empty directory, or a directory whose
+    ``manifest.json`` says ``"format": "genseg-shards/1"`` and that holds nothing besides that
+    manifest and its splits' ``*.parquet`` files."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise OutputError(f"--out {out} exists and is not a directory; pick another --out")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    hint = "pick another --out, or move its contents away (genseg only replaces its own shard directories)"
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        splits = set(manifest["splits"]) if manifest.get("format") == FORMAT else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        splits = None
+    if splits is None:
+        raise OutputError(f"--out {out} is a non-empty directory that is not a genseg shard directory "
+                          f"(no {MANIFEST} with \"format\": \"{FORMAT}\"); {hint}")
+    for entry in entries:
+        own = entry.name == MANIFEST and entry.is_file() or (
+            entry.name in splits and entry.is_dir() and not entry.is_symlink()
+            and all(f.is_file() and f.suffix == ".parquet" for f in entry.iterdir()))
+        if not own:
+            foreign = entry if entry.name not in splits or not entry.is_dir() else next(
+                f for f in entry.iterdir() if not (f.is_file() and f.suffix == ".parquet"))
+            raise OutputError(f"--out {out} is a genseg shard directory but also holds {foreign}, which genseg "
+                              f"did not write; {hint}")
 
 
 def _decode_one(item: dict, size: tuple[int, int] | None, num_classes: int | None):
@@ -112,6 +153,7 @@ def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None
             batch_size: int = 8) -> dict:
     """Run the pipeline and return the manifest.  Ray must already be initialised."""
     out = Path(out).resolve()
+    check_out(out)
     start = time.perf_counter()
     problems = list(source.problems)
     if not source.items:
@@ -129,6 +171,7 @@ def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None
     # one cheap pass over the small columns: problems, counts, histogram, sizes
     decode_problems: list[str] = []
     hist = np.zeros(256, np.int64)
+    split_hist: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     sizes: set[tuple[int, int]] = set()
     skipped = []
@@ -140,6 +183,7 @@ def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None
                 decode_problems.append(str(err))
                 continue
             hist += np.frombuffer(h, np.int64)
+            split_hist.setdefault(str(split), np.zeros(256, np.int64))[:] += np.frombuffer(h, np.int64)
             counts[str(split)] = counts.get(str(split), 0) + 1
             sizes.add((int(hh), int(ww)))
     problems += sorted(decode_problems)   # blocks finish in any order; report in a stable one
@@ -150,6 +194,7 @@ def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None
         skipped = sorted(problems)
     if not counts:
         raise PrepareError("every input was bad; nothing was written:\n" + format_problems(problems))
+    check_labels(hist, source.index_masks)
 
     classes = source.classes
     if classes is None:   # index masks without --num-classes: K = largest label + 1
@@ -161,7 +206,8 @@ def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None
         "classes": classes.to_dict(),
         "num_classes": k,
         "ignore_index": IGNORE,
-        "splits": {s: {"count": n} for s, n in sorted(counts.items())},
+        "splits": {s: {"count": n, "class_pixels": split_hist[s][:k].tolist(),
+                       "ignored_pixels": int(split_hist[s][IGNORE])} for s, n in sorted(counts.items())},
         "sizes": sorted([list(s) for s in sizes]),
         "size": list(next(iter(sizes))) if len(sizes) == 1 else None,
         "class_pixels": hist[:k].tolist(),
@@ -172,6 +218,7 @@ def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_out(out)   # again: the user may have put something there while we decoded
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         for split in counts:
@@ -186,8 +233,22 @@ def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None
     return manifest
 
 
+def check_labels(hist: np.ndarray, index_masks: str | None) -> None:
+    """Refuse data with no class at all, and binary 0/255 masks read as class indices (their 255
+    is the ignore index, so the foreground would silently vanish from training and scores)."""
+    labels = set(np.nonzero(hist[:IGNORE])[0].tolist())
+    if index_masks and hist[IGNORE] > 0 and labels <= {0}:
+        found = "only 0 and 255" if labels else "only 255"
+        raise PrepareError(f"the masks in {index_masks} hold {found}; 255 is the ignore index, so they would "
+                           f"make a data set without foreground. If they are binary foreground masks, rerun with "
+                           f"--binary-masks (255 -> class 1 'foreground', 0 -> 'background')")
+    if not labels:
+        raise PrepareError("no mask pixel carries a class (all are the ignore index 255); nothing was written")
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp``; an earlier ``out`` survives until the new one is complete."""
+    """Replace ``out`` by ``tmp``; an earlier ``out`` survives until the new one is complete.
+    ``check_out`` has made sure ``out`` holds only genseg's own files."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{int(time.time() * 1000)}")

@@ -26,12 +26,22 @@ class Source:
     classes: ClassSpec | None          # None: infer the class count from the masks
     items: list[dict]                  # work items for the decode UDF
     problems: list[str] = field(default_factory=list)
+    # class-index masks read as they are: prepare refuses them when they hold only 0 and 255
+    # (binary foreground masks, whose 255 would silently become the ignore index)
+    index_masks: str | None = None
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0 <= val_fraction < 1:   # also refuses NaN
+        raise SourceError(f"--val-fraction must be at least 0 and below 1 (the share of pairs held out as val); "
+                          f"got {val_fraction}")
 
 
 def synthetic(num: int, size: tuple[int, int], seed: int = 0, val_fraction: float = 0.2) -> Source:
     if num < 2:
-        raise SourceError("--num must be at least 2 (one train and one val scene)")
-    n_val = max(1, round(num * val_fraction))
+        raise SourceError(f"--num must be at least 2 (one train and one val scene); got {num}")
+    check_val_fraction(val_fraction)
+    n_val = min(num - 1, max(1, round(num * val_fraction)))
     items = [{"kind": "synthetic", "split": "train" if i < num - n_val else "val",
               "name": f"scene_{i:05d}", "seed": seed, "index": i, "height": size[0], "width": size[1]}
              for i in range(num)]
@@ -91,12 +101,21 @@ def load_palette(path: str | Path) -> tuple[ClassSpec, list[list[int]]]:
 
 
 def folder(images: str | Path, masks: str | Path, num_classes: int | None = None,
-           palette_file: str | Path | None = None, val_fraction: float = 0.2, seed: int = 0) -> Source:
-    """Pairs by file stem.  Masks are class-index PNGs, or RGB colour PNGs with a palette file."""
+           palette_file: str | Path | None = None, val_fraction: float = 0.2, seed: int = 0,
+           binary_masks: bool = False) -> Source:
+    """Pairs by file stem.  Masks are class-index PNGs, or RGB colour PNGs with a palette file.
+    ``binary_masks``: single-channel 0/255 (or 0/1) foreground masks; 255 becomes class 1."""
+    check_val_fraction(val_fraction)
     problems: list[str] = []
     label_map = None
     classes = None
-    if palette_file:
+    if binary_masks and (palette_file or num_classes not in (None, 2)):
+        raise SourceError("--binary-masks means two classes (background, foreground): "
+                          "drop --palette / --num-classes")
+    if binary_masks:
+        label_map = {"255": 1}
+        classes = ClassSpec(("background", "foreground"), default_palette(2))
+    elif palette_file:
         classes, ignore = load_palette(palette_file)
         label_map = {"palette": [list(c) for c in classes.palette], "ignore_colors": ignore}
     elif num_classes:
@@ -107,7 +126,7 @@ def folder(images: str | Path, masks: str | Path, num_classes: int | None = None
 
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(items) * val_fraction)) if len(items) > 1 and val_fraction > 0 else 0
+    n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction))) if len(items) > 1 and val_fraction > 0 else 0
     for i in order[:n_val]:
         items[i]["split"] = "val"
-    return Source(classes, items, problems)
+    return Source(classes, items, problems, index_masks=None if (palette_file or binary_masks) else str(masks))

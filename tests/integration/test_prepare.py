@@ -33,7 +33,11 @@ def test_synthetic_is_seeded_and_complete(ray_cluster, tmp_path):
         assert main(["prepare", "--source", "synthetic", "--num", "10", "--size", "24x40",
                      "--seed", "3", "--out", str(tmp_path / out), "--workdir", str(tmp_path)]) == 0
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert m["splits"] == {"train": {"count": 8}, "val": {"count": 2}}
+    assert {s: v["count"] for s, v in m["splits"].items()} == {"train": 8, "val": 2}
+    for split, n in (("train", 8), ("val", 2)):      # pixels counted per split, so a split is checkable alone
+        assert sum(m["splits"][split]["class_pixels"]) == n * 24 * 40 and m["splits"][split]["ignored_pixels"] == 0
+    assert [a + b for a, b in zip(m["splits"]["train"]["class_pixels"], m["splits"]["val"]["class_pixels"])] == \
+        m["class_pixels"]
     assert m["num_classes"] == SYNTHETIC.num_classes and m["size"] == [24, 40]
     assert sum(m["class_pixels"]) == 10 * 24 * 40
     for split in ("train", "val"):
@@ -103,11 +107,17 @@ def _bad_folder(tmp_path: Path) -> tuple[Path, Path]:
     return img, msk
 
 
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
 def test_bad_inputs_are_all_named_and_nothing_is_damaged(ray_cluster, tmp_path, capsys):
     img, msk = _bad_folder(tmp_path)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "precious.txt").write_text("an earlier good output")
+    assert main(["prepare", "--source", "synthetic", "--num", "6", "--size", "16x16", "--out", str(out),
+                 "--workdir", str(tmp_path)]) == 0
+    earlier = _tree(out)                                   # an earlier good output
+    capsys.readouterr()
     code = main(["prepare", "--source", "folder", "--images", str(img), "--masks", str(msk),
                  "--num-classes", "3", "--out", str(out), "--workdir", str(tmp_path)])
     err = capsys.readouterr().err
@@ -116,16 +126,44 @@ def test_bad_inputs_are_all_named_and_nothing_is_damaged(ray_cluster, tmp_path, 
     for name in ("broken.png: unreadable image", "broken_mask.png: unreadable mask", "lonely.png: no mask",
                  "sizes.png: mask size 8x5 differs", "range.png: label values [9] out of range 0..2"):
         assert name in err, (name, err)
-    assert (out / "precious.txt").read_text() == "an earlier good output"   # untouched
+    assert _tree(out) == earlier                                             # untouched
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]      # no half-written shards
 
     code = main(["prepare", "--source", "folder", "--images", str(img), "--masks", str(msk),
                  "--num-classes", "3", "--out", str(out), "--skip-bad", "--workdir", str(tmp_path)])
     printed = capsys.readouterr().out
     assert code == 0 and "skipped 5 bad pair(s)" in printed and "range.png" in printed
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / "manifest.json").read_text())                      # a genseg shard dir is replaced
     assert sum(s["count"] for s in m["splits"].values()) == 4 and len(m["skipped"]) == 5
-    assert not (out / "precious.txt").exists()   # replaced as a whole by the complete new output
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name]          # ... as a whole
+
+    mine = tmp_path / "mine"                                  # anything else is never replaced
+    mine.mkdir()
+    (mine / "precious.txt").write_text("a user's file")
+    code = main(["prepare", "--source", "folder", "--images", str(img), "--masks", str(msk), "--num-classes", "3",
+                 "--out", str(mine), "--skip-bad", "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0 and f"--out {mine} is a non-empty directory that is not a genseg shard directory" in err
+    assert _tree(mine) == {"precious.txt": b"a user's file"}
+
+
+def test_binary_masks_become_background_and_foreground(ray_cluster, tmp_path, capsys):
+    img, msk = tmp_path / "img", tmp_path / "msk"
+    for i in range(4):
+        mask = np.zeros((8, 8), np.int64)
+        mask[2:6, 2:6] = 255                                   # exported by an annotation tool as 0/255
+        _write_pair(img, msk, f"p{i}", mask)
+    out = tmp_path / "out"
+    argv = ["prepare", "--source", "folder", "--images", str(img), "--masks", str(msk), "--out", str(out),
+            "--workdir", str(tmp_path)]
+    assert main(argv) != 0 and "--binary-masks" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--binary-masks"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["classes"]["names"] == ["background", "foreground"] and m["num_classes"] == 2
+    assert m["ignored_pixels"] == 0 and m["class_pixels"] == [4 * 48, 4 * 16]
+    assert m["splits"]["val"] == {"count": 1, "class_pixels": [48, 16], "ignored_pixels": 0}
+    mask = decode_row(_rows(out, "train")[0])[1]
+    assert mask[3, 3] == 1 and mask[0, 0] == 0
 
 
 def test_missing_root_is_one_clear_line(ray_cluster, tmp_path, capsys):
