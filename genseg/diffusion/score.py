@@ -20,7 +20,8 @@ LOG_SNR_LEVELS = tuple(float(v) for v in range(-4, 5))
 
 def timesteps_for_levels(alphas_cumprod: torch.Tensor, levels=LOG_SNR_LEVELS) -> torch.Tensor:
     """The timestep whose log-SNR ``log(ab / (1 - ab))`` is nearest each level -> ``(L,)`` long."""
-    ab = alphas_cumprod.double().clamp(1e-12, 1 - 1e-12)
+    # on the CPU: diffusers' add_noise moves a scheduler's alphas_cumprod to the training device
+    ab = alphas_cumprod.detach().to("cpu", torch.float64).clamp(1e-12, 1 - 1e-12)
     log_snr = (ab / (1 - ab)).log()
     target = torch.tensor(levels, dtype=torch.float64)
     return (log_snr[None, :] - target[:, None]).abs().argmin(1)
