@@ -75,6 +75,7 @@ _QUIET_LOGGERS = {"mlflow.store.db.utils": logging.WARNING, "alembic": logging.W
 # (Python logging, warnings, C++ logs) and is left in the session directory.
 _RAY_STDOUT_NOISE = re.compile(r"Progress bars (for operators )?disabled|Reporting training result|"
                                r"execution finished in|^\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\]")
+_LIBRARY_FILE = re.compile(r"site-packages[/\\](ray|mlflow)[/\\]")
 # Messages the raylet pushes to every driver that are about Ray's own actors, not the user's work
 _RAYLET_NOISE = re.compile(r"PYTHON worker processes have been started")
 
@@ -85,8 +86,17 @@ def quiet_logging(verbose: bool) -> None:
         return
     for name, level in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
-    # advice to library authors (deprecations, "add type hints to predict"), not to a genseg user
-    warnings.filterwarnings("ignore", module=r"(ray|mlflow)(\.|$)")
+    # advice to library authors (deprecations, "add type hints to predict"), not to a genseg user.  A
+    # filter would not do: MLflow wraps calls in catch_warnings() + simplefilter("once"), ahead of ours.
+    if not getattr(warnings.showwarning, "genseg_quiet", False):
+        shown = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            if not _LIBRARY_FILE.search(str(filename)):
+                shown(message, category, filename, lineno, file, line)
+
+        showwarning.genseg_quiet = True
+        warnings.showwarning = showwarning
 
 
 def _print_worker_output(data: dict) -> None:
