@@ -95,6 +95,56 @@ def binary_masks(d: Path) -> tuple[Path, Path]:
     return img, msk
 
 
+def seg_checkpoint(d: Path) -> Path:
+    from genseg import checkpoint as ck
+    from genseg.config import SegConfig
+    from genseg.models import build_segmenter
+
+    cfg = SegConfig(num_classes=SYNTHETIC.num_classes, width=8)
+    return ck.save(d / "seg", build_segmenter(cfg), cfg, epoch=0, classes=SYNTHETIC.to_dict())
+
+
+def diffusion_checkpoint(d: Path, cond: str = "mask") -> Path:
+    from genseg import checkpoint as ck
+    from genseg.config import DiffusionConfig
+    from genseg.models.unet import build_diffusion_model
+
+    cfg = DiffusionConfig(cond=cond, num_classes=SYNTHETIC.num_classes, channels=(8, 16), image_size=(16, 24),
+                          timesteps=50, sample_steps=2)
+    return ck.save(d / f"diff-{cond}", build_diffusion_model(cfg), cfg, epoch=0, classes=SYNTHETIC.to_dict())
+
+
+def truncated(make: Callable[[Path], Path], name: str):
+    def build(d: Path) -> Path:
+        ckpt = make(d)
+        f = ckpt / name
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        return ckpt
+    return build
+
+
+def huge_png(d: Path) -> Path:
+    """A 5000x5000 PNG (1-bit, so the file is small): refused before it is decoded."""
+    Image.new("1", (5000, 5000)).save(d / "huge.png")
+    return d / "huge.png"
+
+
+def small_png(d: Path) -> Path:
+    from genseg.data.synthetic import make_scene
+
+    Image.fromarray(make_scene(0, 1, 24, 32)[0]).save(d / "in.png")
+    return d / "in.png"
+
+
+def sample(model: Callable[[Path], Path], *extra: str):
+    return lambda d: ["sample", "--model", str(model(d)), "--num", "1", "--out", str(d / "s"), *extra]
+
+
+def edit(*extra: str, image: Callable[[Path], Path] = small_png):
+    return lambda d: ["edit", "--model", str(diffusion_checkpoint(d)), "--segmenter", str(seg_checkpoint(d)),
+                      "--image", str(image(d)), "--out", str(d / "e.png"), *extra]
+
+
 # ------------------------------------------------------------------ the table
 
 @dataclass
@@ -208,6 +258,25 @@ CASES = [
     Case("sample-guidance-nan", lambda d: ["sample", "--guidance", "nan", "--out", str(d / "s")], "--guidance"),
     Case("sample-truncated-masks", lambda d: ["sample", "--masks", str(then(shards(), lambda s: truncate_first(s, "val"))(d)),
                                               "--out", str(d / "s")], "{d}/shards/val/part-0.parquet: corrupted shard"),
+    # models: the wrong kind, damaged files, settings the model cannot take
+    Case("eval-seg-given-a-diffusion-model", lambda d: eval_seg(shards(), "--model", str(diffusion_checkpoint(d)))(d),
+         "is a diffusion model (DiffusionConfig), but this command needs a segmenter"),
+    Case("eval-gen-given-a-segmenter", lambda d: ["eval", "gen", "--model", str(seg_checkpoint(d)), "--segmenter",
+                                                  str(seg_checkpoint(d)), "--data", str(write_shards(d / "shards"))],
+         "is a segmenter model (SegConfig), but this command needs a generative model"),
+    Case("eval-truncated-weights", lambda d: eval_seg(shards(), "--model",
+                                                      str(truncated(seg_checkpoint, "model.safetensors")(d)))(d),
+         "model.safetensors"),
+    Case("sample-masks-for-unconditional-model",
+         lambda d: sample(lambda d: diffusion_checkpoint(d, "none"), "--masks", str(write_shards(d / "shards")))(d),
+         "--masks was given, but this model is unconditional"),
+    Case("sample-steps-over-T", sample(diffusion_checkpoint, "--steps", "51"),
+         "steps 51 exceeds the model's 50 training timesteps; use 1..50"),
+    Case("sample-guidance-negative", sample(diffusion_checkpoint, "--guidance=-1"), "--guidance"),
+    Case("edit-image-over-pixel-limit", edit("--remove", "sky", image=huge_png), "5000x5000 pixels is over the limit"),
+    Case("edit-dpmpp-with-resampling", edit("--remove", "sky", "--sampler", "dpmpp", "--resample", "2"),
+         "needs the ddpm or ddim sampler"),
+    Case("edit-unknown-class", edit("--remove", "unicorn"), "unknown class 'unicorn'"),
 ]
 
 
