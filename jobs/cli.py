@@ -268,7 +268,7 @@ def task_config(args):
 
 
 def cmd_train(args, rt) -> int:
-    from jobs.runtime import hold_run, init_ray, prepare_tracking
+    from jobs.runtime import hold_run, init_ray, interruptible, prepare_tracking
     from pipelines.shards import check_split
 
     cfg = task_config(args)
@@ -288,7 +288,7 @@ def cmd_train(args, rt) -> int:
             common = dict(workers=args.workers, gpu=args.gpu, run_name=run_name, max_failures=args.max_failures,
                           cpus_per_worker=args.cpus_per_worker, promote=args.promote)
             extra = {"class_weights": args.class_weights} if args.task == "seg" else {}
-            summary = job.run(args.data, cfg, rt, **extra, **common)
+            summary = interruptible(job.run, args.data, cfg, rt, **extra, **common)
         except KeyboardInterrupt:
             _mark_interrupted(job.TASK.experiment, run_name)
             raise Interrupted(f"interrupted; run '{run_name}' keeps its checkpoints. Resume it with: "

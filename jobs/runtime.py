@@ -25,6 +25,7 @@ import socket
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -248,6 +249,29 @@ def _wait_listening(host: str, port: int, timeout: float) -> bool:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.2)
+
+
+def interruptible(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a helper thread, so that Ctrl-C reaches the main thread as a plain
+    KeyboardInterrupt at once.  Called from the main thread, Ray Train's ``fit()`` installs its own
+    SIGINT handler, which aborts the run and ends the process with status 1 and no word of why."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kwargs)
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:   # handed to the main thread; also silences Ray's teardown on Ctrl-C
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name="genseg-job", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 # ------------------------------------------------------------------ locks
