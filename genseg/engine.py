@@ -11,12 +11,13 @@ import random
 import time
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genseg.data.shards import decode_batch
+from genseg import rng as rng_lib
+from genseg.data.shards import COLUMNS, decode_batch
 from genseg.data.transforms import to_tensors, train_transforms
+from genseg.errors import InputError
 from genseg.losses import get_loss
 from genseg.metrics import ConfusionMatrix
 
@@ -70,6 +71,33 @@ def train_batches(batches: Iterable[dict], cfg, crop: tuple[int, int], rng: rand
         yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
+def epoch_batches(batches: Iterable[dict], names: list[str], seed: int, epoch: int, rank: int, world: int,
+                  batch_size: int, steps: int) -> Iterator[dict]:
+    """This worker's batches of one epoch, in a fresh order seeded by ``(seed, epoch)``.
+
+    ``names`` are the row names of the whole training split, sorted; ``batches`` stream every row
+    of it, in any order (Ray Data's block order does not matter: rows are matched by name).  The
+    epoch's permutation of ``names`` is dealt round-robin to the ``world`` workers, so each epoch
+    mixes rows across files and workers, and the same ``(seed, epoch)`` gives the same batches
+    with or without a resume in between.  Only this worker's ``steps * batch_size`` rows are
+    kept in memory; the rows left over this epoch differ from epoch to epoch."""
+    order = rng_lib.epoch_permutation(len(names), seed, epoch)[rank::world][: steps * batch_size]
+    slot = {names[i]: j for j, i in enumerate(order)}
+    rows: list[dict | None] = [None] * len(order)
+    for batch in batches:
+        for i, name in enumerate(batch["name"]):
+            j = slot.get(str(name))
+            if j is not None:
+                rows[j] = {k: batch[k][i] for k in COLUMNS}
+    missing = [names[i] for i, r in zip(order, rows) if r is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} training row(s) were not delivered (e.g. {missing[0]!r}); "
+                           f"did the shard directory change during training?")
+    for start in range(0, len(rows) - batch_size + 1, batch_size):
+        chunk = rows[start: start + batch_size]
+        yield {k: [r[k] for r in chunk] for k in COLUMNS}
+
+
 def eval_samples(batches: Iterable[dict], rank: int = 0, world: int = 1
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every ``world``-th sample (offset ``rank``) as ``(image (3, H, W), mask (H, W))``."""
@@ -84,8 +112,13 @@ def eval_samples(batches: Iterable[dict], rank: int = 0, world: int = 1
 # ---------------------------------------------------------------- steps
 
 def autocast(device: torch.device, amp: str):
+    """Mixed precision on CUDA (``amp`` = bf16 | fp16 | none); a no-op elsewhere.  fp16 needs a
+    GradScaler in the step (bf16 has fp32's exponent range and does not)."""
     if device.type != "cuda" or amp == "none":
         return contextlib.nullcontext()
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"amp=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                         f"use --set amp=fp16 (or amp=none)")
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
@@ -163,8 +196,10 @@ def evaluate(model, samples: Iterable[tuple[torch.Tensor, torch.Tensor]], num_cl
     return cm, kept
 
 
-def set_seed(seed: int) -> random.Random:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    return random.Random(seed)
+def set_seed(seed: int, rank: int = 0) -> random.Random:
+    """Seed the global generators for worker ``rank`` and return its augmentation generator.
+
+    Seeds are derived from ``(seed, rank)`` by hashing (:mod:`genseg.rng`), never by adding the
+    rank, so no two (seed, rank) pairs share a stream."""
+    rng_lib.seed_globals(seed, rank)
+    return rng_lib.python_rng(seed, rank, "augment")

@@ -9,6 +9,7 @@ pictures from rank 0, and report each epoch with a checkpoint.  A task supplies 
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import sys
 import tempfile
@@ -26,6 +27,8 @@ from ray.train.torch import TorchTrainer
 
 from genseg import checkpoint as ckpt_lib
 from genseg import config as config_lib
+from genseg import engine
+from genseg import rng as rng_lib
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,25 @@ class WorkerSession:
         into its logger as well as the (wrapped) stdout, which shows every line twice."""
         print(message, file=sys.__stdout__, flush=True)
 
-    def restore(self, model, optimizer=None, scheduler=None, extra_weights: dict | None = None) -> tuple[int, dict]:
+    def epoch_batches(self, epoch: int, batch_size: int):
+        """This worker's training batches of ``epoch`` (columnar dicts), in the epoch's seeded order.
+
+        The "train" dataset is not split by Ray Data (see ``run``): every worker streams the whole
+        split and keeps its share of a permutation seeded by ``(cfg.seed, epoch)`` (engine.epoch_batches)."""
+        stream = ray.train.get_dataset_shard("train").iter_batches(batch_size=64, batch_format="numpy")
+        return engine.epoch_batches(stream, self.rt["train_names"], self.cfg.seed, epoch, self.rank, self.world,
+                                    batch_size, self.rt["steps_per_epoch"])
+
+    def restore(self, model, optimizer=None, scheduler=None, extra_weights: dict | None = None,
+                rngs: dict | None = None, scaler=None) -> tuple[int, dict]:
         """Load the latest checkpoint (if any) into the given objects -> (start epoch, meta).
 
-        ``extra_weights`` maps names saved by :meth:`report` (e.g. ``"ema"``) to modules to fill."""
+        ``extra_weights`` maps names saved by :meth:`report` (e.g. ``"ema"``) to modules to fill;
+        ``rngs`` names the loop's own generators (``random.Random`` / ``torch.Generator``), whose
+        state is put back with the global ones of this rank; ``scaler`` is an fp16 GradScaler.
+        Call it after everything that draws random numbers at start-up (model init), right
+        before the epoch loop, and build the model on its device first so the optimizer state
+        lands on the parameters' device."""
         resume = ray.train.get_checkpoint()
         if not resume:
             return 0, {}
@@ -81,13 +99,32 @@ class WorkerSession:
                 optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None and state.get("scheduler"):
                 scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             for name, module in (extra_weights or {}).items():
                 weights = ckpt_lib.load_weights(d, name)
                 if weights is not None:
                     module.load_state_dict(weights)
             meta = dict(ck.meta)
-            meta["extra_state"] = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "epoch")}
-            return int(state.get("epoch", ck.epoch)) + 1, meta
+            meta["extra_state"] = {k: v for k, v in state.items()
+                                   if k not in ("optimizer", "scheduler", "epoch", "rng", "scaler")}
+            start = int(state.get("epoch", ck.epoch)) + 1
+        self._restore_rngs(state.get("rng") or [], rngs or {}, start)
+        return start, meta
+
+    def _restore_rngs(self, per_rank: list, rngs: dict, start: int) -> None:
+        """This rank's saved generator states; without one (an older checkpoint, or more workers
+        than saved it) reseed from ``(seed, rank, start epoch)`` so no stream repeats epoch 0's."""
+        if self.rank < len(per_rank):
+            missing = rng_lib.restore(per_rank[self.rank], rngs)
+        else:
+            rng_lib.seed_globals(rng_lib.derive_seed(self.cfg.seed, start), self.rank)
+            missing = list(rngs)
+            if self.rank == 0:
+                self.say(f"checkpoint holds no random state for rank {self.rank}: reseeding for epoch {start}")
+        for i, name in enumerate(sorted(missing)):
+            g, seed = rngs[name], rng_lib.derive_seed(self.cfg.seed, self.rank, start, i)
+            g.seed(seed) if isinstance(g, random.Random) else g.manual_seed(seed)
 
     def mean(self, value: float) -> float:
         """Average a float over all workers."""
@@ -111,17 +148,36 @@ class WorkerSession:
         if picture is not None:
             self._client.log_image(self.rt["mlflow_run_id"], picture, picture_name)
 
+    def _gather_rngs(self, rngs: dict) -> list:
+        """Every rank's generator states, in rank order (rank 0 writes them all into the checkpoint)."""
+        import torch.distributed as dist
+
+        mine = rng_lib.capture(rngs)
+        if self.world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [mine]
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, mine)   # NCCL: Ray Train has set this worker's CUDA device
+        return everyone
+
     def report(self, epoch: int, metrics: dict, model, optimizer=None, scheduler=None,
-               meta: dict | None = None, extra_state: dict | None = None, extra_weights: dict | None = None) -> None:
-        """``ray.train.report`` on every worker (it is a barrier); rank 0 attaches the checkpoint."""
+               meta: dict | None = None, extra_state: dict | None = None, extra_weights: dict | None = None,
+               rngs: dict | None = None, scaler=None) -> None:
+        """``ray.train.report`` on every worker (it is a barrier); rank 0 attaches the checkpoint.
+
+        The checkpoint carries every rank's random state (global generators + ``rngs``) and the
+        GradScaler's, so a resumed run continues the very same random streams."""
+        states = self._gather_rngs(rngs or {})
         if self.rank != 0:
             ray.train.report(metrics)
             return
+        extra = {**(extra_state or {}), "rng": states}
+        if scaler is not None:
+            extra["scaler"] = scaler.state_dict()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "ckpt"
             ckpt_lib.save(path, model, self.cfg, epoch=epoch, metrics=metrics, classes=self.rt["classes"],
                           optimizer=optimizer, scheduler=scheduler, extra_meta=meta,
-                          extra_state=extra_state, extra_weights=extra_weights)
+                          extra_state=extra, extra_weights=extra_weights)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)))
 
 
@@ -161,6 +217,19 @@ def steps_per_epoch(n_train: int, workers: int, batch_size: int) -> int:
     return per_worker // batch_size
 
 
+def train_names(data_dir: Path) -> list[str]:
+    """The sorted row names of the train split (the epoch permutations index this list)."""
+    import pyarrow.dataset as pads
+
+    names = sorted(pads.dataset(str(data_dir / "train"), format="parquet").to_table(columns=["name"])
+                   .column("name").to_pylist())
+    dup = next((a for a, b in zip(names, names[1:]) if a == b), None)
+    if dup is not None:
+        raise config_lib.ConfigError(f"{data_dir / 'train'} holds two rows named {dup!r}; "
+                                     f"prepare the shards again with `genseg prepare`")
+    return names
+
+
 def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict, *, workers: int = 2,
         gpu: bool = False, run_name: str | None = None, max_failures: int = 0, cpus_per_worker: float = 1.0,
         register: bool = True, promote: bool = False, log=print) -> dict:
@@ -190,10 +259,20 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=task.score,
                                                checkpoint_score_order="max" if task.higher_is_better else "min")),
+        # Shuffling: every epoch visits the training set in a new order seeded by (seed, epoch), across
+        # files and within them, identical in a straight and in a resumed run.  Ray Data's own tools do
+        # not give that: random_shuffle/randomize_block_order with an int seed repeat one order every
+        # epoch, and with RandomSeedConfig(reseed_after_execution=True) they key the order to an
+        # execution counter that restarts at 0 in a resumed run; streaming_split hands blocks to
+        # whichever worker asks first; local_shuffle_buffer_size only mixes a window of rows.  So
+        # "train" is not split: each worker streams the whole split and keeps its share of a seeded
+        # per-epoch permutation of the row names (WorkerSession.epoch_batches), holding 1/N of it in
+        # memory.  The price is N reads of the split per epoch: fine while a split is a few GB
+        # (CamVid: 250 MB raw); beyond that, split it and permute within each worker's shard.
         datasets={"train": ray.data.read_parquet(str(data_dir / "train")),
                   # val is small and read whole by every worker each epoch: keep it in memory
                   "val": ray.data.read_parquet(str(data_dir / "val")).materialize()},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     client = MlflowClient()
     try:

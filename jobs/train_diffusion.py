@@ -7,7 +7,6 @@ compares models across schedules, T and prediction types; the raw val loss does 
 """
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from genseg import config as config_lib
 from genseg import engine
+from genseg import rng as rng_lib
 from genseg.config import DiffusionConfig
 from genseg.data.classes import colorize
 from genseg.data.shards import read_manifest
@@ -37,31 +37,32 @@ def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     s = runner.WorkerSession(loop_config, DiffusionConfig)
     cfg, rt = s.cfg, s.rt
-    engine.set_seed(cfg.seed + 1000 * s.rank)
-    rng = random.Random(cfg.seed + s.rank)
-    gen = torch.Generator().manual_seed(cfg.seed + 17 * s.rank)
+    rng = engine.set_seed(cfg.seed, s.rank)           # global generators + this worker's flip stream
+    gen = rng_lib.torch_generator(cfg.seed, s.rank, "noise")   # t, eps and condition dropout (a CPU generator)
+    rngs = {"augment": rng, "noise": gen}
     size = tuple(cfg.image_size)
-    model = build_diffusion_model(cfg)
+    # on the device before the optimizer and the EMA copy exist: restored optimizer state and the EMA
+    # weights then live beside the model's (EMA.update also follows the model if it moves later)
+    model = build_diffusion_model(cfg).to(s.device)
     ema = EMA(model, cfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = engine.make_scheduler(optimizer, cfg.lr_schedule, cfg.epochs, cfg.warmup_epochs, rt["steps_per_epoch"])
-    start_epoch, meta = s.restore(model, optimizer, scheduler, extra_weights={"ema": ema.model})
+    scaler = torch.amp.GradScaler("cuda") if s.device.type == "cuda" and cfg.amp == "fp16" else None
+    start_epoch, meta = s.restore(model, optimizer, scheduler, extra_weights={"ema": ema.model}, rngs=rngs,
+                                  scaler=scaler)
     ema.updates = int(meta.get("extra_state", {}).get("ema_updates", 0))
     best = meta.get("best_val_x0_mse", float("inf"))
     noise = make_train_scheduler(cfg)
     model = ray.train.torch.prepare_model(model)
-    autocast = engine.autocast(s.device, cfg.amp) if s.device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda") if s.device.type == "cuda" and cfg.amp == "fp16" else None
+    ema.to(s.device)
+    # a fresh autocast context per step (None on CPU)
+    autocast = (lambda: engine.autocast(s.device, cfg.amp)) if s.device.type == "cuda" else None
     conditioned = cfg.cond == "mask"
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    val_shard = ray.train.get_dataset_shard("val")
 
     for epoch in range(start_epoch, cfg.epochs):
         t0, losses = time.perf_counter(), []
-        for step, batch in enumerate(train_shard.iter_batches(
-                batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
-                local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + 7919 * epoch + s.rank)):
-            if step >= rt["steps_per_epoch"]:
-                break
+        for batch in s.epoch_batches(epoch, cfg.batch_size):
             x0, masks = diffusion_batch(batch, size, cfg.hflip, rng)
             cond = encode_labels(masks, cfg.num_classes, cfg.ignore_index).to(s.device) if conditioned else None
             losses.append(train_step(model, optimizer, x0.to(s.device), cond, noise, cfg.p_uncond, ema,
@@ -83,7 +84,7 @@ def train_loop(loop_config: dict) -> None:
                 picture = _sample_grid(ema.model, val_shard, cfg, noise, size, rt["classes"]["palette"], s.device)
             s.log(epoch, metrics, picture, f"samples/epoch_{epoch:03d}.png")
         s.report(epoch, metrics, model, optimizer, scheduler, meta={"best_val_x0_mse": best},
-                 extra_state={"ema_updates": ema.updates}, extra_weights={"ema": ema.model})
+                 extra_state={"ema_updates": ema.updates}, extra_weights={"ema": ema.model}, rngs=rngs, scaler=scaler)
 
 
 @torch.no_grad()
@@ -151,7 +152,8 @@ def run(data: str, cfg: DiffusionConfig, rt, *, workers: int = 2, gpu: bool = Fa
     runner.check_splits(data_dir, manifest)
     cfg = build_config(manifest, cfg, data_dir)
     steps = runner.steps_per_epoch(manifest["splits"]["train"]["count"], workers, cfg.batch_size)
-    return runner.run(TASK, data_dir, manifest, cfg, rt, {"steps_per_epoch": steps},
+    runtime = {"steps_per_epoch": steps, "train_names": runner.train_names(data_dir)}
+    return runner.run(TASK, data_dir, manifest, cfg, rt, runtime,
                       workers=workers, gpu=gpu, run_name=run_name or f"diffusion-{time.strftime('%Y%m%d-%H%M%S')}",
                       max_failures=max_failures, cpus_per_worker=cpus_per_worker, register=register,
                       promote=promote, log=log)

@@ -26,22 +26,20 @@ def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     s = runner.WorkerSession(loop_config, SegConfig)
     cfg, rt = s.cfg, s.rt
-    rng = engine.set_seed(cfg.seed + 1000 * s.rank)
-    model = build_segmenter(cfg)
+    rng = engine.set_seed(cfg.seed, s.rank)          # global generators + this worker's augmentation stream
+    # on the device before the optimizer exists: restored optimizer state then lands beside the weights
+    model = build_segmenter(cfg).to(s.device)
     optimizer = engine.make_optimizer(model, cfg)
     scheduler = engine.make_scheduler(optimizer, cfg.schedule, cfg.epochs, cfg.warmup_epochs, rt["steps_per_epoch"])
-    start_epoch, meta = s.restore(model, optimizer, scheduler)
+    scaler = torch.amp.GradScaler("cuda") if s.device.type == "cuda" and cfg.amp == "fp16" else None
+    rngs = {"augment": rng}
+    start_epoch, meta = s.restore(model, optimizer, scheduler, rngs=rngs, scaler=scaler)
     best = meta.get("best_miou", float("-inf"))
     model = ray.train.torch.prepare_model(model)
-    scaler = torch.amp.GradScaler("cuda") if s.device.type == "cuda" and cfg.amp == "fp16" else None
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    val_shard = ray.train.get_dataset_shard("val")
 
     for epoch in range(start_epoch, cfg.epochs):
-        batches = engine.train_batches(
-            train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=4 * cfg.batch_size,
-                                     local_shuffle_seed=cfg.seed + epoch * 7919 + s.rank),
-            cfg, tuple(rt["crop"]), rng)
+        batches = engine.train_batches(s.epoch_batches(epoch, cfg.batch_size), cfg, tuple(rt["crop"]), rng)
         stats = engine.train_one_epoch(model, optimizer, scheduler, batches, cfg, s.device, scaler,
                                        max_steps=rt["steps_per_epoch"])
         t0 = time.perf_counter()
@@ -67,7 +65,7 @@ def train_loop(loop_config: dict) -> None:
                 picture = stack_rows([triptych(i, m, p, palette, cfg.ignore_index) for i, m, p in kept])
             s.log(epoch, {**metrics, **per_class}, picture, f"pictures/epoch_{epoch:03d}.png")
         s.report(epoch, metrics, model, optimizer, scheduler,
-                 meta={"best_miou": best, "val": val, "train_size": rt.get("data_size")})
+                 meta={"best_miou": best, "val": val, "train_size": rt.get("data_size")}, rngs=rngs, scaler=scaler)
 
 
 def median_frequency_weights(manifest: dict) -> tuple[float, ...]:
@@ -110,8 +108,9 @@ def run(data: str, cfg: SegConfig, rt, *, workers: int = 2, gpu: bool = False, r
     if crop is None:
         raise config_lib.ConfigError(f"{data_dir} holds images of several sizes; set a training crop (--set crop=HxW)")
     steps = runner.steps_per_epoch(manifest["splits"]["train"]["count"], workers, cfg.batch_size)
-    summary = runner.run(TASK, data_dir, manifest, cfg, rt, {"steps_per_epoch": steps, "crop": list(crop),
-                                                             "data_size": manifest.get("size")},
+    runtime = {"steps_per_epoch": steps, "crop": list(crop), "data_size": manifest.get("size"),
+               "train_names": runner.train_names(data_dir)}
+    summary = runner.run(TASK, data_dir, manifest, cfg, rt, runtime,
                          workers=workers, gpu=gpu, run_name=run_name or f"seg-{time.strftime('%Y%m%d-%H%M%S')}",
                          max_failures=max_failures, cpus_per_worker=cpus_per_worker, register=register,
                          promote=promote, log=log)
