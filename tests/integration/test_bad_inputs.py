@@ -345,3 +345,47 @@ def test_help_points_to_the_readme():
     text = " ".join(proc.stdout.split())
     assert f"{ROOT / 'README.md'}" in text and (ROOT / "README.md").is_file()
     assert "docs/" not in text                       # no pointer to documents the project does not have
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_train_says_how_to_resume(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during `genseg train`:
+    exit 130 with one line holding the exact command that resumes the run; running it resumes."""
+    import shlex
+    import signal
+    import time
+
+    data = write_shards(tmp_path / "shards", {"train": 8, "val": 4})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    argv = ["train", "seg", "--data", str(data), "--workers", "1", "--epochs", "2", "--batch-size", "2", "--set",
+            "width=8", "--workdir", str(tmp_path / "wd")]
+    p = subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in p.stdout:
+            if line.startswith("epoch 1/2"):
+                break
+        snapshots = list((tmp_path / "wd" / "ray").glob("*/checkpoint_manager_snapshot.json"))
+        deadline = time.monotonic() + 120
+        while not snapshots or "checkpoint_" not in snapshots[0].read_text():   # epoch 1's checkpoint is in
+            assert time.monotonic() < deadline and p.poll() is None, "no checkpoint after epoch 1"
+            time.sleep(0.2)
+            snapshots = list((tmp_path / "wd" / "ray").glob("*/checkpoint_manager_snapshot.json"))
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.strip().count("\n") == 0, err
+    assert "Resume it with: genseg train seg" in err
+    resume = shlex.split(err.split("Resume it with: ", 1)[1])
+    run_name = resume[resume.index("--run-name") + 1]
+    assert resume[1:resume.index("--run-name")] == argv                # the same command, plus its run name
+
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", *resume[1:]], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming seg run '{run_name}'" in done.stdout
+    assert "epoch 2/2" in done.stdout and "epoch 1/2" not in done.stdout   # continued after the checkpoint
