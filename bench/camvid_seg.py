@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--class-weights", default="dataset")
     ap.add_argument("--run-name", default="camvid-fcn8s")
     ap.add_argument("--skip-prepare", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix for the result files (keeps earlier results)")
     args = ap.parse_args()
     wd = Path(args.workdir)
     shards = wd / "shards"
@@ -83,7 +84,7 @@ def main() -> None:
     ax.set_title("CamVid val mIoU per epoch (360x480, void ignored)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(res_dir / "camvid_miou_curve.png")
+    fig.savefig(res_dir / f"camvid_miou_curve{args.tag}.png")
 
     import torch
 
@@ -103,11 +104,13 @@ def main() -> None:
         "eval_wall_s": round(t_eval, 1),
         "val_miou": ev["miou"], "val_pixel_acc": ev["pixel_acc"], "val_mean_acc": ev["mean_acc"],
         "val_per_class_iou": ev["per_class_iou"],
+        "last_epoch_val_miou": hist[-1][1] if hist else None,   # model selection on val is optimistic
         "miou_curve": [[s + 1, v] for s, v in hist],
         "protocol": ev["protocol"],
     }
-    (res_dir / "camvid_seg.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("epochs", "train_wall_s", "val_miou", "val_pixel_acc")}, indent=2))
+    (res_dir / f"camvid_seg{args.tag}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("epochs", "best_epoch", "train_wall_s", "val_miou", "last_epoch_val_miou",
+                                             "val_pixel_acc")}, indent=2))
 
 
 if __name__ == "__main__":
