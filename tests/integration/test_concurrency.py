@@ -75,7 +75,7 @@ def two_trains(tmp_path_factory):
     d = tmp_path_factory.mktemp("busy")
     data = write_shards(d / "shards", {"train": 8, "val": 4})
     argv = ["train", "seg", "--data", str(data), "--epochs", "1", "--workdir", str(d / "wd"), *TINY]
-    procs = [genseg(*argv), genseg(*argv)]
+    procs = [genseg(*argv), genseg(*argv, env=_env(GENSEG_VERBOSE="1"))]   # the second one shows Ray's logs
     return d, data, [finish(p) for p in procs]
 
 
@@ -88,6 +88,20 @@ def test_two_trains_started_together_both_finish(two_trains):
     assert len(set(names)) == 2, names                                  # two runs, not one shared
     uri = f"sqlite:///{d / 'wd' / 'mlflow.db'}"
     assert [metric_steps(uri, n) for n in names] == [[0], [0]]          # each run's own history
+
+
+RAY_NOISE = ("core_worker.cc", "gcs_actor_scheduler", "TrainingReport(", "PYTHON worker processes",
+             "Progress bars disabled", "RayDeprecationWarning", "UserWarning", "pid=")
+
+
+def test_output_is_genseg_lines_unless_verbose(two_trains):
+    """By default a train shows its own progress and results; Ray's logs come back with GENSEG_VERBOSE=1."""
+    (_, quiet, quiet_err), (_, loud, loud_err) = two_trains[2]
+    shown = [ln for ln in (quiet + quiet_err).splitlines() if ln.strip()]
+    assert not [ln for ln in shown if any(n in ln for n in RAY_NOISE)], shown
+    assert len(shown) <= 8, shown                                       # start, one per epoch, results
+    assert shown[0].startswith("starting seg run") and any(ln.startswith("epoch 1/1: train loss") for ln in shown)
+    assert "(RayTrainWorker pid=" in loud + loud_err and "(TrainController pid=" in loud + loud_err
 
 
 def test_run_in_progress_is_refused_and_eval_works_beside_it(two_trains):

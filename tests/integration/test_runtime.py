@@ -68,3 +68,58 @@ def test_state_api_answers_for_this_cluster_with_another_ray_running(ray_cluster
             other.wait(timeout=60)
         except subprocess.TimeoutExpired:
             other.kill()
+
+
+HOLD_RUN = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from jobs.runtime import run_lock
+    with run_lock(Path(sys.argv[1]), "r1"):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_run_lock_names_its_holder_and_dies_with_it(tmp_path):
+    """A run in progress is refused naming its PID; a run that crashed (SIGKILL: no cleanup at all)
+    leaves nothing stuck."""
+    from jobs.runtime import RunInProgress, run_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunInProgress, match=f"run 'r1' is in progress in another process \\(pid {holder.pid} "):
+            with run_lock(tmp_path, "r1"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    with run_lock(tmp_path, "r1"):                      # the kernel dropped the dead holder's lock
+        with pytest.raises(RunInProgress):              # and this process holds it now
+            with run_lock(tmp_path, "r1"):
+                pass
+
+
+def test_default_run_names_are_never_shared(tmp_path):
+    """Two commands started in the same second get two runs; a finished run's name is not reused."""
+    from jobs.runtime import hold_run
+
+    with hold_run(tmp_path, None, "seg") as a, hold_run(tmp_path, None, "seg") as b:
+        assert a != b and a.startswith("seg-") and b.startswith(a)
+    with hold_run(tmp_path, None, "seg") as c:
+        assert c not in (a, b)
+
+
+def test_quiet_output_passes_worker_lines_only(capsys):
+    """What reaches the user from the cluster by default: a worker's own stdout lines, without Ray's
+    prefix; not Ray's logs (stderr), its daemons, nor the lines Ray itself prints to stdout."""
+    from jobs.runtime import _print_worker_output
+
+    _print_worker_output({"pid": "1234", "is_err": False, "actor_name": "RayTrainWorker",
+                          "lines": ["epoch 1/2: train loss 1.0", "Reporting training result 1: TrainingReport(...)"]})
+    _print_worker_output({"pid": "1234", "is_err": True, "lines": ["[2026-11-27 02:25:09,783 E 1 2] core_worker.cc"]})
+    _print_worker_output({"pid": "raylet", "is_err": False, "lines": ["WARNING: 8 PYTHON worker processes"]})
+    _print_worker_output({"pid": "gcs_server", "is_err": False, "lines": ["Failed to kill actor"]})
+    out, err = capsys.readouterr()
+    assert out == "epoch 1/2: train loss 1.0\n" and err == ""
