@@ -227,7 +227,16 @@ def _start_local(num_cpus: int | None) -> None:
 def dashboard_port(preferred: int = 8265) -> int:
     """``$GENSEG_DASHBOARD_PORT``, else Ray's usual 8265 when it is free, else any free port."""
     if os.environ.get("GENSEG_DASHBOARD_PORT"):
-        return int(os.environ["GENSEG_DASHBOARD_PORT"])
+        text = os.environ["GENSEG_DASHBOARD_PORT"].strip()
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise InputError(f"GENSEG_DASHBOARD_PORT={text!r} is not a TCP port number")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", int(text)))
+            except OSError:
+                raise InputError(f"GENSEG_DASHBOARD_PORT={text}: the port is in use (another Ray dashboard?); "
+                                 f"unset it to let genseg pick a free one") from None
+        return int(text)
     for port in (preferred, 0):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:

@@ -228,6 +228,8 @@ CASES = [
     # Ray addresses: one line at once, not minutes of retries
     Case("prepare-unreachable-ray", synth("--ray-address", "127.0.0.1:9"), "127.0.0.1:9 does not answer"),
     Case("train-unreachable-ray", train(shards(), "--ray-address", "127.0.0.1:9"), "127.0.0.1:9 does not answer"),
+    Case("prepare-dashboard-port-not-a-port", synth(), "GENSEG_DASHBOARD_PORT='eighty' is not a TCP port number",
+         env={"GENSEG_DASHBOARD_PORT": "eighty"}),
     Case("train-dashboard-url-as-ray-address", train(shards(), "--ray-address", "http://127.0.0.1:8265"),
          "is a dashboard address"),
     # train: data checked before Ray starts
