@@ -464,6 +464,10 @@ def _preflight(args, rt) -> None:
         from jobs.runtime import check_reachable
 
         check_reachable(rt.ray_address)
+    elif args.command in ("prepare", "train", "demo") and os.environ.get("GENSEG_DASHBOARD_PORT"):
+        from jobs.runtime import dashboard_port
+
+        dashboard_port()   # a port number, and free (checked again when Ray starts)
     if args.command == "eval":
         check_split(args.data, args.split, need_labels=args.task == "seg")
     elif args.command == "sample" and getattr(args, "masks", None):
