@@ -8,6 +8,7 @@ commands, and `--ray-address auto` joins it.  Everything runs as real `genseg` p
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,3 +178,5 @@ def test_a_ray_start_cluster_does_not_capture_plain_commands_and_auto_joins_it()
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
+            head.wait(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
