@@ -275,7 +275,10 @@ def register(run_id: str, artifact_path: str, model_name: str, score: Score, *, 
     try:
         client.get_registered_model(model_name)
     except MlflowException:
-        client.create_registered_model(model_name)
+        try:
+            client.create_registered_model(model_name)
+        except MlflowException:   # another run created it in the meantime
+            client.get_registered_model(model_name)
     tags = {SCORE_NAME_TAG: score.name, SCORE_TAG: repr(score.value) if score.valid else "nan",
             DATA_TAG: data_fingerprint, SPLIT_TAG: scored_on, "genseg.data": data_desc[:500]}
     if score.valid:
