@@ -451,7 +451,9 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sampl
 def _known_errors() -> tuple[type, ...]:
     from genseg.errors import InputError
 
-    return (UsageError, InputError, FileNotFoundError)
+    from jobs.runtime import RayStartError
+
+    return (UsageError, InputError, FileNotFoundError, RayStartError)
 
 
 def _preflight(args, rt) -> None:

@@ -50,6 +50,10 @@ class RayAddressError(InputError):
     """``--ray-address`` / ``$RAY_ADDRESS`` names no reachable Ray cluster."""
 
 
+class RayStartError(RuntimeError):
+    """The local Ray could not be started (not the user's input, but still one line, not a traceback)."""
+
+
 class RunInProgress(InputError):
     """Another process is running (or resuming) the same training run."""
 
@@ -219,8 +223,15 @@ def _start_local(num_cpus: int | None) -> None:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # address="local": never join whatever cluster RAY_ADDRESS or /tmp/ray/ray_current_cluster
         # points at (that is what --ray-address auto is for)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+        try:
+            ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=port, logging_level=logging.WARNING, configure_logging=True,
+                     log_to_driver=True)
+        except Exception as exc:   # e.g. "The current node timed out during startup" on an overloaded machine
+            first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise RayStartError(f"could not start a local Ray: {first} (is the machine out of memory or "
+                                f"overloaded?); Ray's logs: {ray_logs_dir() or '/tmp/ray/session_latest/logs'}"
+                                ) from None
         _wait_listening("127.0.0.1", port, timeout=30)
 
 
