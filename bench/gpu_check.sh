@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# GPU check: the --gpu paths end to end on one GPU, and how much faster they are than the CPU.
+#
+#   bash bench/gpu_check.sh                                 # on a machine with a CUDA GPU (~5 min)
+#   GENSEG_GPU_CHECK_DEVICE=cpu bash bench/gpu_check.sh     # the same script on the CPU (a dry run)
+#
+# In a temporary workdir it prepares small synthetic shards, then:
+#   * trains segmentation with --gpu and AMP bf16 (1 worker), resumes it one epoch with fp16
+#     (GradScaler, restored optimizer/scaler/RNG state on the GPU), and a short CPU run;
+#   * trains diffusion with --gpu and AMP fp16 (unscale -> clip, EMA on the GPU, sample grids),
+#     resumes it one epoch with bf16, and a short CPU run;
+#   * samples with DDIM x20 on the device and on the CPU (genseg sample --device);
+#   * evaluates the segmenter on the device (genseg eval seg --device);
+# and prints training img/s and DDIM s/image for the device next to the CPU.
+# Env: GENSEG_GPU_CHECK_NUM (synthetic scenes, default 256), GENSEG_GPU_CHECK_SIZE (HxW, default
+# 64x64), GENSEG_GPU_CHECK_KEEP=1 keeps the workdir.  On failure the workdir and logs are kept.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="$ROOT/.venv/bin/python"
+DEVICE="${GENSEG_GPU_CHECK_DEVICE:-cuda}"
+NUM="${GENSEG_GPU_CHECK_NUM:-256}"
+SIZE="${GENSEG_GPU_CHECK_SIZE:-64x64}"
+
+if [[ ! -x "$PY" ]]; then
+    echo "gpu_check: no $PY; run 'make install' first" >&2
+    exit 1
+fi
+case "$DEVICE" in
+    cuda)
+        if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+            echo "gpu_check: torch sees no CUDA device (GENSEG_GPU_CHECK_DEVICE=cpu runs this script on the CPU)" >&2
+            exit 1
+        fi
+        GPU=(--gpu) ;;
+    cpu) GPU=() ;;
+    *) echo "gpu_check: GENSEG_GPU_CHECK_DEVICE must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;;
+esac
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/genseg-gpu-check.XXXXXX")"
+finish() {
+    local code=$?
+    if [[ $code -ne 0 ]]; then
+        echo "gpu_check: FAILED (exit $code); workdir and logs kept in $WORK" >&2
+    elif [[ "${GENSEG_GPU_CHECK_KEEP:-0}" == 1 ]]; then
+        echo "workdir kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap finish EXIT
+
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}" RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+unset RAY_ADDRESS MLFLOW_TRACKING_URI
+cd "$ROOT"
+DATA="$WORK/data"
+mkdir -p "$WORK/logs"
+
+# genseg <log name> <args...>: one command, its output in logs/<name>.log (shown when it fails)
+genseg() {
+    local name=$1; shift
+    local t0=$SECONDS
+    printf '%-34s' "$name"
+    if ! "$PY" -m jobs.cli "$@" --workdir "$WORK/runs" >"$WORK/logs/$name.log" 2>&1; then
+        echo "FAILED"
+        tail -n 40 "$WORK/logs/$name.log" >&2
+        return 1
+    fi
+    echo "ok ($((SECONDS - t0)) s)"
+}
+json() {   # json FILE EXPR: a value of a JSON file (EXPR indexes d)
+    "$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"
+}
+
+echo "genseg GPU check: device=$DEVICE, $NUM synthetic scenes at $SIZE, workdir $WORK"
+genseg prepare prepare --source synthetic --num "$NUM" --size "$SIZE" --out "$DATA"
+
+SEG=(train seg --data "$DATA" --workers 1 --batch-size 16 --set image_every=100)
+genseg "seg $DEVICE bf16" "${SEG[@]}" "${GPU[@]}" --epochs 2 --set amp=bf16 --run-name seg-dev \
+    --json "$WORK/seg-dev.json"
+genseg "seg $DEVICE fp16, resumed" "${SEG[@]}" "${GPU[@]}" --epochs 3 --set amp=fp16 --run-name seg-dev \
+    --json "$WORK/seg-dev-resumed.json"
+genseg "seg cpu" "${SEG[@]}" --epochs 1 --run-name seg-cpu --json "$WORK/seg-cpu.json"
+
+DIF=(train diffusion --data "$DATA" --workers 1 --batch-size 16 --set sample_every=1 --set sample_steps=10)
+genseg "diffusion $DEVICE fp16" "${DIF[@]}" "${GPU[@]}" --epochs 2 --set amp=fp16 --run-name dif-dev \
+    --json "$WORK/dif-dev.json"
+genseg "diffusion $DEVICE bf16, resumed" "${DIF[@]}" "${GPU[@]}" --epochs 3 --set amp=bf16 --run-name dif-dev \
+    --json "$WORK/dif-dev-resumed.json"
+genseg "diffusion cpu" "${DIF[@]}" --epochs 1 --run-name dif-cpu --json "$WORK/dif-cpu.json"
+
+for f in seg-dev seg-dev-resumed dif-dev dif-dev-resumed; do
+    [[ "$(json "$WORK/$f.json" 'd["final_epoch"]')" == "$([[ $f == *resumed ]] && echo 2 || echo 1)" ]] \
+        || { echo "gpu_check: $f.json: unexpected final_epoch" >&2; exit 1; }
+done
+[[ "$(json "$WORK/seg-dev-resumed.json" 'd["resumed"]')" == True ]] || { echo "gpu_check: seg did not resume" >&2; exit 1; }
+[[ "$(json "$WORK/dif-dev-resumed.json" 'd["resumed"]')" == True ]] || { echo "gpu_check: diffusion did not resume" >&2; exit 1; }
+
+DIF_CKPT="$(json "$WORK/dif-dev-resumed.json" 'd["best_checkpoint"]')"
+SEG_CKPT="$(json "$WORK/seg-dev-resumed.json" 'd["best_checkpoint"]')"
+SAMPLE=(sample --model "$DIF_CKPT" --num 16 --batch-size 8 --masks "$DATA" --sampler ddim --steps 20)
+SAMPLE_JSON=()
+if "$PY" -m jobs.cli sample --help 2>/dev/null | grep -q -- '--json'; then SAMPLE_JSON=(--json); fi
+sample_json() {   # samples.json in --out, or the --json file where the CLI has one
+    if [[ ${#SAMPLE_JSON[@]} -gt 0 ]]; then echo "$WORK/$1.json"; else echo "$WORK/$1/samples.json"; fi
+}
+genseg "sample ddim x20 $DEVICE" "${SAMPLE[@]}" --device "$DEVICE" --out "$WORK/samples-dev" \
+    ${SAMPLE_JSON[@]:+"${SAMPLE_JSON[@]}" "$WORK/samples-dev.json"}
+genseg "sample ddim x20 cpu" "${SAMPLE[@]}" --device cpu --out "$WORK/samples-cpu" \
+    ${SAMPLE_JSON[@]:+"${SAMPLE_JSON[@]}" "$WORK/samples-cpu.json"}
+genseg "eval seg $DEVICE" eval seg --model "$SEG_CKPT" --data "$DATA" --device "$DEVICE" --json "$WORK/eval-dev.json"
+
+"$PY" - "$WORK" "$DEVICE" "$(sample_json samples-dev)" "$(sample_json samples-cpu)" <<'EOF'
+import json, sys
+from pathlib import Path
+
+work, device, sample_dev, sample_cpu = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+load = lambda p: json.loads(Path(p).read_text())
+speed = lambda name: load(work / f"{name}.json")["final_metrics"]["samples_per_s"]
+
+
+def per_image(p):
+    d = load(p)
+    return d["seconds_per_image"] if "seconds_per_image" in d else d["seconds"] / d["num"]
+
+
+rows = [
+    ("seg train img/s, bf16", speed("seg-dev"), speed("seg-cpu"), True),
+    ("seg train img/s, fp16 (resumed)", speed("seg-dev-resumed"), speed("seg-cpu"), True),
+    ("diffusion train img/s, fp16", speed("dif-dev"), speed("dif-cpu"), True),
+    ("diffusion train img/s, bf16 (resumed)", speed("dif-dev-resumed"), speed("dif-cpu"), True),
+    ("DDIM x20 s/image", per_image(sample_dev), per_image(sample_cpu), False),
+]
+ev = load(work / "eval-dev.json")
+name = device
+if device == "cuda":
+    import torch
+
+    name = f"cuda ({torch.cuda.get_device_name(0)})"
+print()
+print(f"{'':40}{device:>12}{'cpu':>12}{'speed-up':>10}")
+for label, dev, cpu, higher in rows:
+    up = (dev / cpu) if higher else (cpu / dev)
+    print(f"{label:40}{dev:>12.3f}{cpu:>12.3f}{up:>9.1f}x")
+print(f"eval seg on {device}: {ev['images']} images, mIoU {100 * ev['miou']:.2f}, {ev['seconds']:.2f} s")
+print(f"device: {name}; the cpu column is a 1-worker CPU run (AMP is CUDA-only)")
+print("training img/s is the last epoch of each run; s/image includes the first batch's warm-up")
+EOF
