@@ -185,7 +185,8 @@ class WorkerSession:
 
 def check_resumable(task: Task, run_dir: Path, cfg: Any, run_name: str) -> None:
     """A re-run continues the saved weights, so the model it builds must be the same one."""
-    latest = sorted(run_dir.glob("checkpoint_*"))
+    # checkpoint_<timestamp> directories (not Ray's checkpoint_manager_snapshot.json), oldest first
+    latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     if not latest:
         return
     try:

@@ -61,7 +61,7 @@ def test_train_resume_register_and_sample(ray_cluster, tmp_path, capsys):
     capsys.readouterr()
     code = main(["sample", "--model", summary["best_checkpoint"], "--num", "1", "--out", str(tmp_path / "x"),
                  "--masks", str(tmp_path / "missing"), "--workdir", wd])
-    assert code != 0 and "manifest.json" in capsys.readouterr().err
+    assert code != 0 and f"{tmp_path / 'missing'} does not exist" in capsys.readouterr().err
 
     # eval gen and edit against a (small, untrained) segmenter checkpoint with the same label set
     from genseg.config import SegConfig
