@@ -1,81 +1,259 @@
-"""``genseg demo``: the whole segmentation path on built-in synthetic data, on a laptop.
+"""``genseg demo``: the whole project on built-in synthetic scenes, on a laptop, with no download.
 
-synthetic shards (Ray Data) -> 2-worker FCN-8s training (Ray Train, MLflow) -> registry
-champion -> evaluation at the masks' own resolution.  Needs no download and no flags.
+It drives the public CLI (``jobs.cli.main``), the same commands a user types, and reads back the
+``--json`` each one writes:
+
+    prepare (Ray Data) -> train seg (2 Ray Train workers) -> eval seg
+    [-> prepare + train seg again at the diffusion size, the scoring segmenter]
+    -> train diffusion (2 workers) -> sample (a grid) -> eval gen (segmenter mIoU of the samples
+    against the real-image ceiling, FD against its real-vs-real noise floor)
+
+Generation is scored by a segmenter trained at the samples' resolution (the evaluation protocol,
+docs/architecture.md).  The diffusion model works at ``diffusion_size(size)`` (32x48 for the default
+64x96 scenes); when that differs from the scene size, the same scenes are also rendered at it and
+a small scoring segmenter is trained there.  The diffusion settings below were chosen by measuring
+on 2 CPU cores (see DIFFUSION): a cosine schedule with v-prediction gives clean scenes in a few
+hundred steps where the linear/eps default still leaves noise over the layout.
 """
 from __future__ import annotations
 
-import tempfile
+import json
 import time
 from pathlib import Path
 
-from genseg import config as config_lib
-from genseg.config import DiffusionConfig, SegConfig
+DIFFUSION_MAX_PIXELS = 32 * 48    # the diffusion model (and the segmenter scoring it) work at most at this size
+
+# segmenter: FCN-8s on the compact backbone, small enough for a few epochs on 2 cores
+SEG = {"width": 16, "warmup_epochs": 0.5, "image_every": 2, "threads_per_worker": 1}
+SEG_BATCH, SEG_LR = 4, 4e-3
+SCORER_EPOCHS = 10                # the scoring segmenter at the samples' size, when one is needed
+
+# Label-conditioned DDPM at 32x48.  Measured in one process on 2 cores with the same UNet, lr and EMA,
+# 240 steps of 16 images on 240 scenes, DDIM x20, w=2, scored by a 32x48 FCN-8s (mIoU of 48 samples as
+# a share of its mIoU on the real images): linear schedule + eps 95.6 %, cosine + eps 96.1 %, both with
+# noise left over the layout; cosine + v-prediction 98.8 % with clean scenes (sky gradient, grass,
+# road streaks), and still 98.8 % and clean at this demo's budget, 216 steps of 8 images on 144 scenes.
+DIFFUSION = {"channels": "32,64,64", "schedule": "cosine", "prediction": "v_prediction", "p_uncond": 0.1,
+             "ema_decay": 0.99, "lr": 2e-3, "sample_every": 1000, "sample_steps": 20, "guidance": 2.0,
+             "threads_per_worker": 1}
+DIFFUSION_BATCH = 4               # per worker: 2 workers x 4 = 8 images a step
+SAMPLER, STEPS, GUIDANCE = "ddim", 20, 2.0
+GRID = 8                          # samples in the grid
+# The scenes the diffusion model learns from hold out 40 % as val: eval gen scores n = val / 2
+# samples, and the real-vs-real noise floor compares the first n val images with the other n, so
+# FD and its floor are measured at the same n (240 scenes: 144 train / 96 val, n = 48).
+GEN_VAL_FRACTION = 0.4
+
+
+class DemoStepFailed(RuntimeError):
+    def __init__(self, step: str, rc: int):
+        super().__init__(f"demo step '{step}' failed (exit {rc}); its message is above")
+        self.rc = rc
+
+
+def diffusion_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The scene size halved until it has at most DIFFUSION_MAX_PIXELS pixels, rounded down to multiples
+    of 4 (three UNet levels): (64, 96) -> (32, 48), (32, 48) -> (32, 48), (128, 160) -> (32, 40)."""
+    h, w = size
+    while h * w > DIFFUSION_MAX_PIXELS and h >= 16 and w >= 16:
+        h, w = h // 2, w // 2
+    return max(8, h // 4 * 4), max(8, w // 4 * 4)
+
+
+def _runtime_argv(rt) -> list[str]:
+    argv = ["--workdir", str(rt.workdir), "--tracking-uri", rt.tracking_uri]
+    return argv + (["--ray-address", rt.ray_address] if rt.ray_address else [])
+
+
+def _sizes(s: tuple[int, int]) -> str:
+    return f"{s[0]}x{s[1]}"
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _model_ref(summary: dict) -> str:
+    """The registered version (``models:/name/version``), else the run's best checkpoint directory."""
+    reg = summary.get("registered") or {}
+    if reg.get("name") and reg.get("version") is not None:
+        return f"models:/{reg['name']}/{reg['version']}"
+    return str(summary["best_checkpoint"])
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def _pm(v, std, fmt: str = ".3f") -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:{fmt}}" + ("" if std is None else f" +- {std:{fmt}}")
+
+
+def generation_story(g: dict) -> list[str]:
+    """The figures of an ``eval gen --json`` result, each with its n, spread and noise floor."""
+    from genseg.metrics.generation import fd_difference_resolved
+
+    n = g.get("n") or (g.get("protocol") or {}).get("samples")
+    lines = []
+    if g.get("seg_miou_samples") is not None:
+        ceiling = g.get("seg_miou_real_ceiling")
+        frac = g.get("seg_miou_fraction_of_ceiling")
+        if frac is None and ceiling:
+            frac = g["seg_miou_samples"] / ceiling
+        lines.append(f"segmenter mIoU on the samples {_pct(g['seg_miou_samples'])} against {_pct(ceiling)} on the "
+                     f"real images (the ceiling): {_pct(frac)} % of it (n={n})")
+    floor = g.get("noise_floor") or {}
+    fd_line = f"FD {_pm(g.get('fd'), g.get('fd_std'))} (bootstrap std, n={n})"
+    if floor.get("fd") is not None:
+        fd_line += f"; real-vs-real floor {_pm(floor['fd'], floor.get('fd_std'))} (n={floor.get('n')})"
+        if floor.get("n") == n:
+            resolved = fd_difference_resolved(g["fd"], g.get("fd_std"), floor["fd"], floor.get("fd_std"))
+            if not resolved:
+                fd_line += ": within 2 std of it (unresolved), FD cannot tell these samples from real images at this n"
+            else:
+                fd_line += f": {'above' if g['fd'] > floor['fd'] else 'below'} it by more than 2 std"
+    lines.append(fd_line)
+    if g.get("kid") is not None:
+        kid_floor = floor.get("kid")
+        lines.append(f"KID {_pm(g['kid'], g.get('kid_std'), '.4f')}"
+                     + ("" if kid_floor is None else f"; real-vs-real floor {kid_floor:.4f}"))
+    return lines
 
 
 def run(rt, epochs: int = 6, num: int = 240, size: tuple[int, int] = (64, 96), diffusion_epochs: int = 12) -> int:
-    from genseg import tracking
-    from jobs import eval_seg, sample_job, train_diffusion, train_seg
-    from jobs.runtime import init_ray
-    from pipelines import sources
-    from pipelines.prepare import prepare
+    from jobs import cli
 
-    t0 = time.perf_counter()
+    t_start = time.perf_counter()
     demo_dir = rt.workdir / "demo"
-    shards = demo_dir / "shards"
-    print(f"[1/5] preparing {num} synthetic scenes of {size[0]}x{size[1]} with Ray Data -> {shards}")
-    init_ray(rt)
-    manifest = prepare(sources.synthetic(num, size, seed=0), shards,
-                       description={"source": "synthetic", "num": num, "size": list(size)})
-    print(f"      {manifest['splits']['train']['count']} train / {manifest['splits']['val']['count']} val, "
-          f"{manifest['num_classes']} classes: {', '.join(manifest['classes']['names'])}")
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    common = _runtime_argv(rt)
+    verbose = ["-v"] if getattr(rt, "verbose", False) else []
+    dsize = diffusion_size(size)
+    separate_scorer = tuple(dsize) != tuple(size)
+    total = 8 if separate_scorer else 6
+    timings: dict[str, float] = {}
+    counter = [0]
 
-    cfg = SegConfig(arch="fcn8s", backbone="compact", width=16, epochs=epochs, batch_size=4, lr=4e-3,
-                    warmup_epochs=0.5, image_every=2, threads_per_worker=1)
-    run_name = f"demo-seg-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"[2/5] training FCN-8s on 2 Ray Train workers for {epochs} epochs (run '{run_name}')")
-    summary = train_seg.run(str(shards), cfg, rt, workers=2, run_name=run_name, cpus_per_worker=1.0)
-    reg = summary.get("registered") or {}
-    print(f"      best val mIoU {100 * summary['best_val_miou']:.2f} at epoch {summary['best_epoch'] + 1}; "
-          f"registered genseg-segmenter v{reg.get('version')}"
-          + (" (now champion)" if reg.get("champion") else ""))
+    def step(name: str, story: str, argv: list[str]) -> None:
+        counter[0] += 1
+        print(f"\n[{counter[0]}/{total}] {story}\n      $ genseg {' '.join(argv)}", flush=True)
+        t0 = time.perf_counter()
+        rc = cli.main(verbose + argv + common)
+        timings[name] = time.perf_counter() - t0
+        if rc:
+            raise DemoStepFailed(name, rc)
 
-    print("[3/5] evaluating models:/genseg-segmenter@champion on the val split")
-    tracking.setup(rt.workdir, rt.tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = tracking.resolve_ref("models:/genseg-segmenter@champion", dst=tmp)
-        res = eval_seg.run(model_dir, str(shards), "val")
-    res["model_ref"] = "models:/genseg-segmenter@champion"
-    eval_json = demo_dir / "eval_val.json"
-    eval_seg.write_json(res, str(eval_json))
-    print(eval_seg.format_table(res))
+    def say(text: str) -> None:
+        print(f"  ->  {text} [{timings[list(timings)[-1]]:.0f}s]", flush=True)
 
-    dsize = (size[0] // 2, size[1] // 2)
-    dcfg = DiffusionConfig(cond="mask", image_size=dsize, channels=(32, 64, 64), epochs=diffusion_epochs,
-                           batch_size=4, lr=2e-3, ema_decay=0.99, sample_steps=20, sample_every=4,
-                           guidance=2.0, threads_per_worker=1)
-    drun = f"demo-diffusion-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"[4/5] training a label-conditioned DDPM at {dsize[0]}x{dsize[1]} on 2 workers for "
-          f"{diffusion_epochs} epochs (run '{drun}')")
-    dsum = train_diffusion.run(str(shards), dcfg, rt, workers=2, run_name=drun)
-    print(f"      best val loss {dsum['best_score']:.4f} at epoch {dsum['best_epoch'] + 1}")
-    samples_dir = demo_dir / "samples"
-    print(f"[5/5] sampling 8 images from val label maps (DDIM x20, w=2) -> {samples_dir}")
-    sres = sample_job.run(Path(dsum["best_checkpoint"]), str(samples_dir), num=8, masks=str(shards),
-                          sampler="ddim", steps=20, guidance=2.0, seed=0)
-    backend = rt.tracking_uri
+    try:
+        # 1. data
+        shards = demo_dir / "shards"
+        held_out = [] if separate_scorer else ["--val-fraction", str(GEN_VAL_FRACTION)]
+        step("prepare", f"{num} synthetic scenes at {_sizes(size)} -> Parquet shards (Ray Data)",
+             ["prepare", "--source", "synthetic", "--num", str(num), "--size", _sizes(size), "--out", str(shards),
+              *held_out])
+        manifest = _read(shards / "manifest.json")
+        splits = manifest.get("splits", {})
+        say(f"{splits.get('train', {}).get('count')} train / {splits.get('val', {}).get('count')} val scenes, "
+            f"{manifest.get('num_classes')} classes: {', '.join(manifest.get('classes', {}).get('names', []))}")
+
+        # 2-3. segmentation
+        seg_json = demo_dir / "train_seg.json"
+        seg_argv = ["--arch", "fcn8s", "--backbone", "compact", "--batch-size", str(SEG_BATCH), "--lr", str(SEG_LR)]
+        seg_argv += [a for k, v in SEG.items() for a in ("--set", f"{k}={v}")]
+        step("train seg", f"FCN-8s on 2 Ray Train workers for {epochs} epochs at {_sizes(size)} (MLflow: genseg-seg)",
+             ["train", "seg", "--data", str(shards), "--workers", "2", "--epochs", str(epochs), *seg_argv,
+              "--run-name", f"demo-seg-{stamp}", "--json", str(seg_json)])
+        seg = _read(seg_json)
+        seg_ref = _model_ref(seg)
+        say(f"best val mIoU {_pct(seg.get('best_score'))} at epoch {seg.get('best_epoch', 0) + 1}; {seg_ref}")
+
+        eval_json = demo_dir / "eval_seg.json"
+        step("eval seg", f"evaluating {seg_ref} on the val split at the masks' own resolution",
+             ["eval", "seg", "--model", seg_ref, "--data", str(shards), "--split", "val", "--json", str(eval_json)])
+        ev = _read(eval_json)
+        say(f"val mIoU {_pct(ev.get('miou'))}, pixel accuracy {_pct(ev.get('pixel_acc'))} % "
+            f"on {ev.get('images')} images")
+
+        # the segmenter that scores samples must work at the samples' resolution
+        gen_shards, scorer_ref, scorer = shards, seg_ref, seg
+        if separate_scorer:
+            gen_shards = demo_dir / f"shards-{_sizes(dsize)}"
+            step("prepare small", f"the same {num} scenes rendered at {_sizes(dsize)}, the diffusion model's size",
+                 ["prepare", "--source", "synthetic", "--num", str(num), "--size", _sizes(dsize),
+                  "--val-fraction", str(GEN_VAL_FRACTION), "--out", str(gen_shards)])
+            counts = _read(gen_shards / "manifest.json").get("splits", {})
+            say(f"{counts.get('train', {}).get('count')} train / {counts.get('val', {}).get('count')} val scenes "
+                f"in {gen_shards}")
+            scorer_json = demo_dir / "train_scorer.json"
+            step("train scorer",
+                 f"a scoring FCN-8s at {_sizes(dsize)} for {SCORER_EPOCHS} epochs: samples are scored by a "
+                 f"segmenter trained at their resolution",
+                 ["train", "seg", "--data", str(gen_shards), "--workers", "2", "--epochs", str(SCORER_EPOCHS),
+                  *seg_argv, "--run-name", f"demo-scorer-{stamp}", "--json", str(scorer_json)])
+            scorer = _read(scorer_json)
+            scorer_ref = _model_ref(scorer)
+            say(f"scoring segmenter: val mIoU {_pct(scorer.get('best_score'))} at {_sizes(dsize)}; {scorer_ref}")
+
+        # 4. diffusion
+        diff_json = demo_dir / "train_diffusion.json"
+        dset = {"image_size": _sizes(dsize), **DIFFUSION}
+        step("train diffusion",
+             f"label-conditioned DDPM at {_sizes(dsize)} (UNet {DIFFUSION['channels'].replace(',', '/')}, "
+             f"{DIFFUSION['schedule']} schedule, {DIFFUSION['prediction']}) on 2 workers for {diffusion_epochs} "
+             f"epochs (MLflow: genseg-diffusion)",
+             ["train", "diffusion", "--data", str(gen_shards), "--cond", "mask", "--workers", "2",
+              "--epochs", str(diffusion_epochs), "--batch-size", str(DIFFUSION_BATCH),
+              *[a for k, v in dset.items() for a in ("--set", f"{k}={v}")],
+              "--run-name", f"demo-diffusion-{stamp}", "--json", str(diff_json)])
+        diff = _read(diff_json)
+        diff_ref = _model_ref(diff)
+        say(f"best {diff.get('score', 'score')} {_pm(diff.get('best_score'), None, '.4f')} at epoch "
+            f"{diff.get('best_epoch', 0) + 1}; "
+            f"{diff_ref}")
+
+        # 5. samples
+        samples_dir = demo_dir / "samples"
+        step("sample", f"{GRID} samples on val label maps ({SAMPLER} x{STEPS}, w={GUIDANCE}) -> {samples_dir}",
+             ["sample", "--model", diff_ref, "--num", str(GRID), "--masks", str(gen_shards), "--sampler", SAMPLER,
+              "--steps", str(STEPS), "--guidance", str(GUIDANCE), "--out", str(samples_dir)])
+        grid = _read(samples_dir / "samples.json").get("grid") or str(samples_dir / "grid.png")
+        say(f"{grid} (rows of label map | sample)")
+
+        # 6. generation quality
+        gen_json = demo_dir / "eval_gen.json"
+        n_val = (_read(gen_shards / "manifest.json").get("splits", {}).get("val", {}) or {}).get("count") or 4
+        n_gen = max(2, n_val // 2)
+        step("eval gen", f"scoring {n_gen} samples with {scorer_ref} (trained at {_sizes(dsize)}) against "
+                         f"{n_gen} real val images; the noise floor from {n_gen} other real ones",
+             ["eval", "gen", "--model", diff_ref, "--segmenter", scorer_ref, "--data", str(gen_shards),
+              "--num", str(n_gen), "--sampler", SAMPLER, "--steps", str(STEPS), "--guidance", str(GUIDANCE),
+              "--json", str(gen_json)])
+        for line in generation_story(_read(gen_json)):
+            print(f"      {line}")
+    except DemoStepFailed as exc:
+        print(f"\ngenseg demo: {exc}")
+        return exc.rc
+
+    took = time.perf_counter() - t_start
+    steps = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    again = (f"--model {diff_ref} --num 8 --masks {gen_shards} --guidance 4 --out {demo_dir / 'samples-w4'} "
+             f"--workdir {rt.workdir}")
     print(f"""
-done in {time.perf_counter() - t0:.0f}s. What was made:
-  shards            {shards}
-  best checkpoint   {summary['best_checkpoint']}
+done in {took:.0f}s ({steps}). What was made:
+  shards            {shards}{'' if not separate_scorer else f' and {gen_shards}'}
+  segmenter         {seg.get('best_checkpoint')} ({seg_ref}; MLflow run {seg.get('mlflow_run_id')})
   evaluation        {eval_json}
-  MLflow run        {summary['mlflow_run_id']} (experiment genseg-seg), model genseg-segmenter
-  diffusion model   {dsum['best_checkpoint']} (experiment genseg-diffusion, model genseg-diffusion)
-  samples           {sres['grid']} (label map | sample)
+  scoring segmenter {scorer_ref} (trained at {_sizes(dsize)})
+  diffusion model   {diff.get('best_checkpoint')} ({diff_ref})
+  samples           {grid}
+  generation scores {gen_json}
 Open the tracking UI with:
-  .venv/bin/mlflow ui --backend-store-uri {backend}
-Evaluate again, or on other data:
-  .venv/bin/genseg eval seg --model models:/genseg-segmenter@champion --data {shards} --workdir {rt.workdir}
+  .venv/bin/mlflow ui --backend-store-uri {rt.tracking_uri}
 Sample again, with another guidance weight:
-  .venv/bin/genseg sample --num 8 --masks {shards} --guidance 4 --out {demo_dir / 'samples-w4'} --workdir {rt.workdir}""")
+  .venv/bin/genseg sample {again}""")
     return 0
