@@ -22,7 +22,8 @@ def test_label_maps_keep_order_resize_nearest_and_cycle(tmp_path):
         rows.append(encode_row(f"m{i}", np.zeros((8, 12, 3), np.uint8), mask))
     (tmp_path / "val").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "val" / "part.parquet")
-    (tmp_path / "manifest.json").write_text(json.dumps({"num_classes": 3, "splits": {"val": {"count": 2}}}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "genseg-shards/1", "num_classes": 3,
+                                                                "splits": {"val": {"count": 2}}}))
     cfg = DiffusionConfig(num_classes=3, channels=(8, 16), image_size=(4, 6))
     maps = label_maps(str(tmp_path), "val", 5, cfg)
     assert maps.shape == (5, 4, 6) and maps.dtype == torch.int64
