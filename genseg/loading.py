@@ -20,7 +20,6 @@ KINDS: dict[str, tuple[str, str]] = {
     "SegConfig": ("segmenter", "segmenter"),
     "DiffusionConfig": ("diffusion", "generator"),
 }
-ROLES = ("segmenter", "generator")
 
 
 class WrongModelKind(ckpt_lib.CheckpointError):

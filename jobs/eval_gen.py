@@ -47,18 +47,17 @@ def features_and_miou(seg, images: torch.Tensor, masks: torch.Tensor) -> tuple[t
     return torch.cat(feats), cm.compute()["miou"]
 
 
-def noise_floor(seg, data: str, split: str, n: int, size: tuple[int, int], feats_real: torch.Tensor,
-                seed: int) -> dict | None:
+def noise_floor(seg, other: torch.Tensor, feats_real: torch.Tensor, seed: int) -> dict | None:
     """FD/KID between two real sets: the evaluation set against the next ``n`` images of the split
     when it holds ``2n`` (the floor at n, std by bootstrap), else random disjoint halves of the
     evaluation set (n/2 each, mean and std over 10 splits; a floor at n/2 is higher than at n).
     None when there are too few images for two sets of at least 2."""
-    more, _ = real_set(data, split, 2 * n, size)
-    if len(more) >= 2 * n:
-        other, _ = features_and_miou(seg, more[n:], torch.zeros(n, *size, dtype=torch.long))
-        return {"fd": gm.frechet_distance(feats_real, other),
-                "fd_std": gm.frechet_distance_std(feats_real, other, seed=seed),
-                "kid": gm.kernel_inception_distance(feats_real, other, seed=seed)[0],
+    n = len(feats_real)
+    if len(other) >= n:      # ``other``: the real images after the evaluation set (read with it, once)
+        f_other = torch.cat([seg.features(other[i: i + 16]) for i in range(0, n, 16)])
+        return {"fd": gm.frechet_distance(feats_real, f_other),
+                "fd_std": gm.frechet_distance_std(feats_real, f_other, seed=seed),
+                "kid": gm.kernel_inception_distance(feats_real, f_other, seed=seed)[0],
                 "n": n, "method": f"the evaluation set against the next {n} real images"}
     if n < 4:
         return None
@@ -79,7 +78,8 @@ def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0
         raise InputError("the generative model and the segmenter must share a label set "
                          f"({gen.num_classes} vs {seg.num_classes} classes)")
     size = tuple(gen.image_size)
-    real, masks = real_set(data, split, num, size)
+    both, both_masks = real_set(data, split, 2 * num, size)      # the eval set, then the floor's
+    real, masks = both[:num], both_masks[:num]
     n = len(real)
     cond = masks if gen.conditional else None
     t_sample = time.perf_counter()
@@ -93,7 +93,7 @@ def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0
         "n": n,
         "fd": gm.frechet_distance(f_real, f_fake), "fd_std": gm.frechet_distance_std(f_real, f_fake, seed=seed),
         "kid": kid, "kid_std": kid_std,
-        "noise_floor": noise_floor(seg, data, split, n, size, f_real, seed),
+        "noise_floor": noise_floor(seg, both[n:], f_real, seed),
         "seconds_per_image": sec_per_image,
     }
     if gen.conditional:

@@ -330,7 +330,8 @@ def register_best(task: Task, run_id: str, best_dir: Path, best_metrics: dict, d
     client.set_tag(run_id, tracking.DATA_TAG, digest)
     value = best_metrics.get(task.score)
     score = tracking.Score(task.score, None if value is None else float(value), task.higher_is_better)
+    sampling = sampling_of(ck)
     return tracking.register(run_id, "model", task.model_name, score, data_fingerprint=digest, scored_on=scored_on,
                              data_desc=f"{data_dir} ({desc})", promote=promote,
-                             sampling=None if sampling_of(ck) is None else sampling_of(ck).to_dict(),
+                             sampling=None if sampling is None else sampling.to_dict(),
                              tracking_uri=tracking_uri)

@@ -1,6 +1,5 @@
 """The champion rule, `resolve` and MLflow pyfunc models on a real sqlite MLflow store (no Ray)."""
 import json
-import math
 from pathlib import Path
 
 import numpy as np
