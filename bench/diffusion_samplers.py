@@ -4,7 +4,12 @@
         [--num 32] [--grid ddpm:1000,ddim:20,ddim:50,dpmpp:20,dpmpp:50] [--workdir DIR] [--tag _name]
 
 For each sampler:steps it runs `genseg eval gen` logic (same seed, same label maps, same real set)
-and records s/image, FD, KID and the segmenter mIoU of the samples.  It also measures the FD noise
+and records s/image, FD, KID and the segmenter mIoU of the samples.  Because every row is sampled
+on the same label maps with the same seed, each fast row's FD ratio against DDPM gets a *paired*
+bootstrap interval (``fd_ratio_ci``: the row indices are resampled once per round for the real set
+and both samplers), which is what resolves a 10 % question at sample counts a CPU can afford.
+The features of every row are kept in ``WORKDIR/diffusion_samplers{tag}_features.pt`` so that
+``--update`` can re-measure some rows and still pair them with the others.  It also measures the FD noise
 floor at this sample count (FD between two disjoint real sets of ``--num`` images) and writes a
 picture of samples for w in {0, 1, 3, 5}.  The JSON is rewritten after every row, so a long DDPM
 row that is interrupted leaves the finished rows on disk.
@@ -71,7 +76,11 @@ def main() -> None:
            "goal": "fast samplers at 20-50 steps: speedup_vs_ddpm >= 20 and fd <= 1.10 * fd(ddpm x1000)",
            "models": {"generator": gen_ref.describe(), "segmenter": seg_ref.describe()}, "rows": []}
     path = ROOT / "bench" / "results" / f"diffusion_samplers{args.tag}.json"
+    feats_path = Path(rt.workdir) / f"diffusion_samplers{args.tag}_features.pt"
+    feats: dict[str, torch.Tensor] = {}
     rows = out["rows"]
+    if args.update and feats_path.exists():
+        feats = torch.load(feats_path, weights_only=True)
     if args.update and path.exists():
         old = json.loads(path.read_text())
         specs = {tuple(spec.split(":")) for spec in args.grid.split(",")}
@@ -83,17 +92,27 @@ def main() -> None:
         res = eval_gen.run(gen, seg, args.data, split=args.split, num=args.num, sampler=sampler,
                            steps=int(steps), guidance=args.guidance, batch_size=args.batch_size,
                            inpaint_num=args.inpaint_num if int(steps) <= 100 else 0,
-                           model_ref=gen_ref.describe(), segmenter_ref=seg_ref.describe())
+                           model_ref=gen_ref.describe(), segmenter_ref=seg_ref.describe(), keep_features=True)
+        f = res.pop("features")
+        if "real" in feats and not torch.equal(feats["real"], f["real"]):
+            feats = {}                # another real set (other --num or data): earlier rows cannot be paired
+        feats["real"], feats[spec] = f["real"], f["fake"]
+        torch.save(feats, feats_path)
         out["noise_floor"] = res["noise_floor"]
-        row = {"sampler": sampler, "steps": int(steps), "s_per_image": res["seconds_per_image"], "fd": res["fd"],
+        row = {"sampler": sampler, "steps": int(steps), "spec": spec, "s_per_image": res["seconds_per_image"], "fd": res["fd"],
                "fd_std": res["fd_std"], "kid": res["kid"], "kid_std": res["kid_std"], "seg_miou_samples": res.get("seg_miou_samples"),
                "seg_miou_real_ceiling": res.get("seg_miou_real_ceiling"), "n": res["n"], "inpaint_psnr": res.get("inpaint_psnr"),
                "inpaint_ssim": res.get("inpaint_ssim"), "protocol": res["protocol"]}
         rows.append(row)
-        compare(rows)
+        compare(rows, feats)
         path.write_text(json.dumps(out, indent=2))
         print(f"{sampler:>6} x{steps:>5}: {row['s_per_image']:.3f} s/img  FD {row['fd']:.3f}  KID {row['kid']:.4f}  "
               f"seg mIoU {row['seg_miou_samples']}", flush=True)
+    for r in rows:
+        if r.get("fd_ratio_ci"):
+            ci = r["fd_ratio_ci"]
+            print(f"{r['spec']:>12}: {r['speedup_vs_ddpm']:.1f}x faster, FD/FD(DDPM) {ci['ratio']:.3f} "
+                  f"[{ci['low']:.3f}, {ci['high']:.3f}] (paired 95 %, n={ci['n']}): {r['goal']}")
 
     # samples for w in {0, 1, 3, 5} on the same label maps and noise
     picture = None
@@ -113,16 +132,32 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def compare(rows: list[dict]) -> None:
-    """Speed-up and FD ratio of every row against the DDPM row, once there is one; rows in table order."""
+def compare(rows: list[dict], feats: dict | None = None) -> None:
+    """Speed-up and FD ratio of every row against the DDPM row, once there is one; rows in table
+    order.  With the rows' features, the ratio gets a paired 95 % bootstrap interval and the goal
+    a verdict: "met" (interval below 1.10 and >= 20x faster), "not met" (interval above 1.10 or
+    too slow) or "unresolved" (the interval straddles 1.10)."""
+    from genseg.metrics.generation import fd_ratio_interval
     rows.sort(key=lambda r: (["ddpm", "ddim", "dpmpp"].index(r["sampler"]), r["steps"]))
     base = next((r for r in rows if r["sampler"] == "ddpm"), None)
     for r in rows:
         if base and r is not base:
             r["speedup_vs_ddpm"] = base["s_per_image"] / r["s_per_image"]
             r["fd_ratio_vs_ddpm"] = r["fd"] / base["fd"] if base["fd"] else None
-            r["meets_goal"] = bool(r["speedup_vs_ddpm"] >= 20 and r["fd_ratio_vs_ddpm"] is not None
-                                   and r["fd_ratio_vs_ddpm"] <= 1.10)
+            ci = None
+            if feats and "real" in feats and r.get("spec") in feats and base.get("spec") in feats:
+                ci = fd_ratio_interval(feats["real"], feats[r["spec"]], feats[base["spec"]])
+            r["fd_ratio_ci"] = ci
+            fast = r["speedup_vs_ddpm"] >= 20
+            if ci is None:
+                r["goal"] = "unresolved"
+            elif not fast or ci["low"] > 1.10:
+                r["goal"] = "not met"
+            elif ci["high"] <= 1.10:
+                r["goal"] = "met"
+            else:
+                r["goal"] = "unresolved"
+            r["meets_goal"] = r["goal"] == "met"
 
 
 if __name__ == "__main__":

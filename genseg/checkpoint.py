@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import tempfile
-import time
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from genseg import config as config_lib
 from genseg.errors import InputError
+from genseg.fsutil import asides, fsync, swap_dir
 
 FORMAT = 2
 CONFIG_FILE = "config.json"
@@ -102,60 +103,22 @@ def save(path: str | os.PathLike, model: torch.nn.Module, cfg: Any, *, epoch: in
                         **(extra_state or {})}, tmp / STATE_FILE)
         files = {}
         for f in sorted(tmp.iterdir()):
-            _fsync(f)
+            fsync(f)
             files[f.name] = _describe(f)
         meta = {"epoch": epoch, "metrics": metrics or {}, "classes": classes, **(extra_meta or {})}
         doc = {"format": FORMAT, **json.loads(config_lib.to_json(cfg)), "meta": meta, "files": files}
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default))
-        _fsync(tmp / CONFIG_FILE)
-        _fsync(tmp)
+        fsync(tmp / CONFIG_FILE)
+        fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _swap_in(tmp, path)
+    swap_dir(tmp, path)
     return path
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Rename the complete ``tmp`` to ``path``, never deleting the old checkpoint first: it is moved
-    aside, the new one renamed in, and the aside copy removed last.  A crash in between leaves the
-    aside copy, which :func:`load` recovers."""
-    aside = None
-    if path.exists():
-        aside = path.with_name(f".{path.name}.old-{time.time_ns()}-{os.getpid()}")
-        path.rename(aside)
-    try:
-        tmp.rename(path)
-    except BaseException:
-        if aside is not None and not path.exists():
-            aside.rename(path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync(path.parent)
-    for old in _asides(path):         # ours, and any left by an earlier crash
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _asides(path: Path) -> list[Path]:
-    """Aside copies of ``path`` left by :func:`save`, oldest first."""
-    found = []
-    for p in path.parent.glob(f".{path.name}.old-*"):
-        stamp = p.name[len(f".{path.name}.old-"):].split("-")[0]
-        if p.is_dir() and stamp.isdigit():
-            found.append((int(stamp), p))
-    return [p for _, p in sorted(found)]
-
-
-def _fsync(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _describe(f: Path) -> dict:
@@ -185,7 +148,7 @@ def _resolve(path: Path) -> Path:
     checkpoint, that copy (renamed back into place when the directory is writable)."""
     if path.exists():
         return path
-    complete = [p for p in _asides(path) if (p / CONFIG_FILE).is_file()]
+    complete = [p for p in asides(path) if (p / CONFIG_FILE).is_file()]
     if not complete:
         return path
     try:

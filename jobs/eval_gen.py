@@ -69,9 +69,12 @@ def noise_floor(seg, other: torch.Tensor, feats_real: torch.Tensor, seed: int) -
 
 def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0, inpaint_num: int = 8,
         batch_size: int = 16, model_ref: str | None = None, segmenter_ref: str | None = None,
-        sampler: str | None = None, steps: int | None = None, guidance: float | None = None) -> dict:
+        sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+        keep_features: bool = False) -> dict:
     """Sample through ``gen`` (a :class:`genseg.generation.Generator`), score with ``seg`` (a
-    :class:`genseg.segmenter.Segmenter`) and return the figures with their protocol."""
+    :class:`genseg.segmenter.Segmenter`) and return the figures with their protocol.
+    ``keep_features`` adds ``res["features"] = {"real": (n, D), "fake": (n, D)}`` (tensors, not
+    JSON; row i of both belongs to the same label map) for paired comparisons across runs."""
     t0 = time.perf_counter()
     settings = gen.settings(sampler=sampler, steps=steps, guidance=guidance)
     if gen.conditional and gen.num_classes != seg.num_classes:
@@ -122,6 +125,8 @@ def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0
         "inpaint_images": min(inpaint_num, n), "inpaint_hole": "one seeded box, 25%",
     }
     res["seconds"] = round(time.perf_counter() - t0, 2)
+    if keep_features:
+        res["features"] = {"real": f_real, "fake": f_fake}
     return res
 
 

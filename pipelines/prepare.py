@@ -22,6 +22,7 @@ from PIL import Image
 from genseg.data.classes import ClassSpec, default_palette, rgb_to_index
 from genseg.data.shards import MANIFEST, encode_row
 from genseg.errors import InputError
+from genseg.fsutil import swap_dir
 from genseg.data.synthetic import make_scene
 from pipelines.shards import FORMAT
 from pipelines.sources import Source
@@ -226,7 +227,7 @@ def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None
             part.write_parquet(str(tmp / split))
         manifest["seconds"] = round(time.perf_counter() - start, 3)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _swap_into_place(tmp, out)
+        swap_dir(tmp, out)       # the old shard directory survives until the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -246,18 +247,3 @@ def check_labels(hist: np.ndarray, index_masks: str | None) -> None:
         raise PrepareError("no mask pixel carries a class (all are the ignore index 255); nothing was written")
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp``; an earlier ``out`` survives until the new one is complete.
-    ``check_out`` has made sure ``out`` holds only genseg's own files."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{int(time.time() * 1000)}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -230,3 +230,32 @@ def test_frechet_distance_std_shrinks_with_more_samples():
     std_small, std_large = frechet_distance_std(*small, rounds=30), frechet_distance_std(*large, rounds=30)
     assert std_small > 2 * std_large > 0
     assert frechet_distance_std(*small, rounds=30) == std_small        # seeded
+
+
+def test_fd_ratio_interval_is_one_for_identical_generators_and_above_one_for_a_worse_one():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(60, 4, generator=g)
+    good = real + 0.3 * torch.randn(60, 4, generator=g)
+    same = gm.fd_ratio_interval(real, good, good, rounds=50)
+    assert same["ratio"] == 1.0 and same["low"] == 1.0 and same["high"] == 1.0
+    worse = gm.fd_ratio_interval(real, good + 0.8, good, rounds=50)     # a shifted mean: FD grows
+    assert worse["ratio"] > 1.5 and worse["low"] > 1.10 and worse["low"] <= worse["ratio"] <= worse["high"]
+
+
+def test_fd_ratio_interval_pairs_rows_so_shared_noise_cancels():
+    """Two generators that differ by a small, fixed amount: the paired interval of the ratio is
+    narrower than the spread of two independently bootstrapped FDs would allow."""
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(80, 3, generator=g)
+    b = real + 0.5 * torch.randn(80, 3, generator=g)
+    a = b * 1.02
+    ci = gm.fd_ratio_interval(real, a, b, rounds=100)
+    fd_b = gm.frechet_distance(real, b)
+    unpaired = 2 * 1.96 * math.hypot(gm.frechet_distance_std(real, a), gm.frechet_distance_std(real, b)) / fd_b
+    assert ci["high"] - ci["low"] < unpaired / 3
+
+
+def test_fd_ratio_interval_refuses_unpaired_sets():
+    x = torch.randn(10, 2)
+    with pytest.raises(ValueError, match="same length"):
+        gm.fd_ratio_interval(x, x[:9], x)
