@@ -48,7 +48,7 @@ STATE_FILE = "train_state.pt"
 
 # Config fields renamed since checkpoints were first written: {config type: {old name: new name}}.
 # A checkpoint that names an old field loads with its value under the new name.
-RENAMED_FIELDS: dict[str, dict[str, str]] = {"SegConfig": {}, "DiffusionConfig": {}}
+RENAMED_FIELDS: dict[str, dict[str, str]] = {"SegConfig": {}, "DiffusionConfig": {}, "GANConfig": {}}
 
 
 def _from_format_1(doc: dict) -> dict:
@@ -83,12 +83,15 @@ def save(path: str | os.PathLike, model: torch.nn.Module, cfg: Any, *, epoch: in
          metrics: dict | None = None, classes: dict | None = None,
          optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
          extra_meta: dict | None = None, extra_state: dict | None = None,
-         extra_weights: dict[str, torch.nn.Module] | None = None) -> Path:
+         extra_weights: dict[str, torch.nn.Module] | None = None,
+         optimizers: dict[str, torch.optim.Optimizer] | None = None, schedulers: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint directory; an existing one at ``path`` is replaced only once the new
     one is complete on disk (see the module docstring).
 
-    ``extra_weights`` saves more modules as ``<name>.safetensors`` (e.g. ``{"ema": ema_model}``);
-    ``extra_state`` adds tensors/plain values to the resume state."""
+    ``model`` is the model the checkpoint serves (``model.safetensors``); ``extra_weights`` saves
+    more modules as ``<name>.safetensors`` (e.g. ``{"ema": ema_model, "discriminator": d}``).
+    ``optimizers`` / ``schedulers`` are saved by name (``optimizer`` / ``scheduler`` are shorthand
+    for the name ``"model"``); ``extra_state`` adds tensors/plain values to the resume state."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -96,10 +99,12 @@ def save(path: str | os.PathLike, model: torch.nn.Module, cfg: Any, *, epoch: in
         module = getattr(model, "module", model)          # unwrap DDP
         save_file(_cpu_state(module), str(tmp / WEIGHTS_FILE))
         for name, extra in (extra_weights or {}).items():
-            save_file(_cpu_state(extra), str(tmp / f"{name}.safetensors"))
-        if optimizer is not None:
-            torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            save_file(_cpu_state(getattr(extra, "module", extra)), str(tmp / f"{name}.safetensors"))
+        optimizers = {**({"model": optimizer} if optimizer is not None else {}), **(optimizers or {})}
+        schedulers = {**({"model": scheduler} if scheduler is not None else {}), **(schedulers or {})}
+        if optimizers:
+            torch.save({"epoch": epoch, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                        "schedulers": {k: sc.state_dict() for k, sc in schedulers.items() if sc is not None},
                         **(extra_state or {})}, tmp / STATE_FILE)
         files = {}
         for f in sorted(tmp.iterdir()):
@@ -254,18 +259,25 @@ def load_weights(path: str | os.PathLike, name: str) -> dict[str, torch.Tensor] 
 
 
 def load_train_state(path: str | os.PathLike) -> dict | None:
-    """Optimizer/scheduler/epoch/RNG states for resuming, or None if the checkpoint has none."""
+    """Optimizer/scheduler/epoch/RNG states for resuming, or None if the checkpoint has none.
+    ``state["optimizers"]`` and ``state["schedulers"]`` map names to state dicts."""
     path = _resolve(Path(path))
     f = path / STATE_FILE
     if not f.is_file():
         return None
     _verify(path, STATE_FILE, _doc_or_none(path))
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:          # truncated zip, or content weights_only refuses: name the file
         raise CheckpointError(f"{f}: unreadable training state, truncated or damaged ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); resume from another "
                               f"checkpoint or start a new run") from None
+    # before optimizers were saved by name there was one, under "optimizer"
+    if "optimizers" not in state:
+        opt, sched = state.pop("optimizer", None), state.pop("scheduler", None)
+        state["optimizers"] = {"model": opt} if opt else {}
+        state["schedulers"] = {"model": sched} if sched else {}
+    return state
 
 
 def build_model(ckpt: Checkpoint, weights: str = "model") -> torch.nn.Module:
@@ -274,7 +286,9 @@ def build_model(ckpt: Checkpoint, weights: str = "model") -> torch.nn.Module:
     from genseg.models import build_segmenter
     from genseg.models.unet import build_diffusion_model
 
-    builders = {"SegConfig": build_segmenter, "DiffusionConfig": build_diffusion_model}
+    from genseg.gan.models import build_generator
+
+    builders = {"SegConfig": build_segmenter, "DiffusionConfig": build_diffusion_model, "GANConfig": build_generator}
     name = type(ckpt.config).__name__
     if name not in builders:
         raise CheckpointError(f"no model builder for config type {name}")

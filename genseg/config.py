@@ -139,6 +139,86 @@ class DiffusionConfig:
                                   f"for {len(self.channels)} UNet levels")
 
 
+GAN_LOSSES = ("minimax", "nsgan", "hinge", "wgan-gp")
+
+
+def gan_stages(image_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    """-> (number of 2x upsampling stages k, start size (h0, w0)) of a DCGAN at ``image_size``:
+    the smaller side is halved k times down to 4..7 pixels (DCGAN's 4x4 start), and both sides
+    must be divisible by 2^k.  32x48 -> (3, (4, 6)); 64x80 -> (4, (4, 5)); 128x128 -> (5, (4, 4))."""
+    h, w = image_size
+    if min(h, w) < 8:
+        raise ConfigError(f"config field 'image_size' {image_size}: a GAN needs at least 8 pixels per side")
+    k = 0
+    while min(h, w) // 2 ** (k + 1) >= 4:
+        k += 1
+    if h % 2 ** k or w % 2 ** k:
+        raise ConfigError(f"config field 'image_size' {tuple(image_size)}: both sides must be divisible by "
+                          f"{2 ** k} for a DCGAN that starts at {h // 2 ** k}x{w // 2 ** k} "
+                          f"(e.g. 32x48, 64x80, 64x64, 128x128)")
+    return k, (h // 2 ** k, w // 2 ** k)
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    """Training config of ``genseg train gan`` (DCGAN, Radford et al. 2016, and its stabilisers)."""
+
+    # conditioning: "none" (unconditional) or "mask" (semantic image synthesis: the generator is
+    # modulated by the label map at every scale, SPADE-style; the discriminator sees it beside the image)
+    cond: str = "mask"
+    num_classes: int = 0                 # filled from the shard manifest
+    ignore_index: int = 255
+    image_size: tuple[int, int] | None = None   # (H, W); None = shard size
+    # networks
+    z_dim: int = 64
+    g_channels: int = 32                 # generator width at the last (full-resolution) stage; doubles per stage up
+    d_channels: int = 32                 # discriminator width at the first stage; doubles per stage down
+    max_channels: int = 256
+    spectral_norm: bool = True           # on every discriminator layer (Miyato et al. 2018)
+    # objective
+    loss: str = "hinge"                  # minimax | nsgan | hinge | wgan-gp
+    gp_weight: float = 10.0              # wgan-gp: lambda of the gradient penalty (Gulrajani et al. 2017)
+    r1_weight: float = 0.0               # R1 penalty gamma on real images (Mescheder et al. 2018); 0 = off
+    d_steps: int = 1                     # discriminator steps per generator step (n_critic)
+    # optimisation: separate learning rates (TTUR, Heusel et al. 2017)
+    g_lr: float = 2e-4
+    d_lr: float = 4e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+    ema_decay: float = 0.999             # EMA of the generator, used for sampling
+    epochs: int = 20
+    batch_size: int = 16                 # per worker
+    hflip: bool = True
+    sample_every: int = 5                # log a sample grid (fixed z) every N epochs
+    score_images: int = 128              # val images for the epoch score and diversity figures
+    seed: int = 0
+    amp: str = "none"                    # precision under --gpu: bf16 | none
+    threads_per_worker: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "cond", ("none", "mask"))
+        _check_choice(self, "loss", GAN_LOSSES)
+        _check_choice(self, "amp", ("bf16", "none"))
+        for name in ("epochs", "batch_size", "z_dim", "g_channels", "d_channels", "max_channels", "d_steps",
+                     "sample_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.score_images < 4:
+            raise ConfigError(f"config field 'score_images' must be >= 4, got {self.score_images}")
+        for name in ("g_lr", "d_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"config field '{name}' must be > 0, got {getattr(self, name)}")
+        for name in ("gp_weight", "r1_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"config field '{name}' must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("config fields 'beta1'/'beta2' must be in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"config field 'ema_decay' must be in [0, 1), got {self.ema_decay}")
+        if self.image_size is not None:
+            gan_stages(self.image_size)
+
+
 def _check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(cfg, name)
     if value not in choices:
@@ -241,7 +321,7 @@ def to_json(cfg: Any) -> str:
     return json.dumps({"type": type(cfg).__name__, "fields": asdict(cfg)}, indent=2, sort_keys=True)
 
 
-CONFIGS: dict[str, type] = {"SegConfig": SegConfig, "DiffusionConfig": DiffusionConfig}
+CONFIGS: dict[str, type] = {"SegConfig": SegConfig, "DiffusionConfig": DiffusionConfig, "GANConfig": GANConfig}
 
 
 def from_json(text: str) -> Any:

@@ -35,8 +35,12 @@ class SamplingSettings:
     guidance: float = 2.0
 
     def merged(self, **overrides) -> "SamplingSettings":
-        """These settings with every override that is not None applied."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        """These settings with every override that is not None applied (a GAN's ``truncation`` is refused)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "truncation" in given:
+            raise SamplingError("--truncation applies to GANs only; a diffusion model's samples are set by "
+                                "sampler, steps and guidance")
+        return replace(self, **given)
 
     def validated(self, max_steps: int | None = None) -> "SamplingSettings":
         """Raise :class:`SamplingError` naming the bad field; ``max_steps`` is the model's T."""
@@ -54,6 +58,9 @@ class SamplingSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        return f"{self.sampler} x{self.steps}, w={self.guidance:g}"
+
     @classmethod
     def from_dict(cls, data: dict | None) -> "SamplingSettings | None":
         if not data:
@@ -62,6 +69,39 @@ class SamplingSettings:
             return cls(sampler=str(data["sampler"]), steps=int(data["steps"]), guidance=float(data["guidance"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise SamplingError(f"stored sampling settings {data!r} are unreadable ({exc})") from None
+
+
+DIFFUSION_ONLY = ("sampler", "steps", "guidance")
+
+
+@dataclass(frozen=True)
+class OneShotSettings:
+    """Sampling settings of a one-pass generator (a GAN): only the truncation trick (Brock et al.
+    2019): latent components beyond +-``truncation`` are redrawn; 0 = off (plain N(0, I))."""
+
+    truncation: float = 0.0
+
+    def merged(self, **overrides) -> "OneShotSettings":
+        """These settings with the non-None overrides; a diffusion setting (sampler, steps,
+        guidance) is refused: a GAN draws an image in one forward pass."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        wrong = [k for k in given if k in DIFFUSION_ONLY]
+        if wrong:
+            raise SamplingError(f"{', '.join('--' + k for k in wrong)}: a GAN draws an image in one forward pass; "
+                                f"sampler, steps and guidance apply to diffusion models only")
+        return replace(self, **given)
+
+    def validated(self, max_steps: int | None = None) -> "OneShotSettings":
+        t = self.truncation
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise SamplingError(f"truncation must be a finite number >= 0 (0 = off), got {t!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return "one forward pass" + (f", truncation {self.truncation:g}" if self.truncation else "")
 
 
 @runtime_checkable
@@ -76,11 +116,12 @@ class Generator(Protocol):
     num_classes: int
     ignore_index: int
     conditional: bool                  # takes label maps
-    sampling: SamplingSettings         # the model's own defaults
+    sampling: "SamplingSettings | OneShotSettings"   # the model's own defaults
     classes: dict                      # {"names": [...], "palette": [...]} of the data it was trained on
 
-    def settings(self, **overrides) -> SamplingSettings:
-        """The model's sampling settings with the non-None overrides applied, validated for this model."""
+    def settings(self, **overrides) -> "SamplingSettings | OneShotSettings":
+        """The model's sampling settings with the non-None overrides applied, validated for this model
+        (each has ``to_dict()``, passed back as ``**sampling``, and ``describe()``)."""
         ...
 
     def generate(self, condition: torch.Tensor | None, n: int, seed: int, **sampling) -> torch.Tensor:

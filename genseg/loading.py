@@ -19,6 +19,7 @@ from genseg.generation import SamplingSettings
 KINDS: dict[str, tuple[str, str]] = {
     "SegConfig": ("segmenter", "segmenter"),
     "DiffusionConfig": ("diffusion", "generator"),
+    "GANConfig": ("gan", "generator"),
 }
 
 
@@ -49,7 +50,7 @@ def load(source: Any, *, expect: str | None = None, device: str = "cpu", weights
     kind, role = KINDS[name]
     if expect is not None and expect not in (kind, role):
         what = {"segmenter": "a segmenter (genseg train seg)", "generator": "a generative model "
-                "(genseg train diffusion)"}.get(expect, expect)
+                "(genseg train diffusion or genseg train gan)"}.get(expect, expect)
         raise WrongModelKind(f"{ref} is a {kind} model ({name}), but this command needs {what}")
     classes = ck.meta.get("classes") or {}
     if kind == "segmenter":
@@ -57,13 +58,18 @@ def load(source: Any, *, expect: str | None = None, device: str = "cpu", weights
 
         model = Segmenter(ckpt_lib.build_model(ck), ck.config, classes, device)
     else:
-        from genseg.diffusion.generator import DiffusionGenerator
-
         used = weights
         if weights == "ema" and ckpt_lib.load_weights(path, "ema") is None:
             used = "model"
-        model = DiffusionGenerator(ckpt_lib.build_model(ck, weights=used), ck.config, classes,
-                                   sampling or sampling_of(ck), device, used)
+        if kind == "gan":
+            from genseg.gan.generator import GANGenerator
+
+            model = GANGenerator(ckpt_lib.build_model(ck, weights=used), ck.config, classes, None, device, used)
+        else:
+            from genseg.diffusion.generator import DiffusionGenerator
+
+            model = DiffusionGenerator(ckpt_lib.build_model(ck, weights=used), ck.config, classes,
+                                       sampling or sampling_of(ck), device, used)
     # where it came from, for reports and response headers
     model.epoch, model.path, model.ref, model.meta = ck.epoch, path, ref, ck.meta
     model.version = getattr(source, "version", None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -51,8 +52,6 @@ def _steps(text: str) -> int:
 
 
 def _guidance(text: str) -> float:
-    import math
-
     try:
         v = float(text)
     except ValueError:
@@ -72,11 +71,23 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=_steps, help="number of sampling steps")
     g.add_argument("--guidance", type=_guidance, help="classifier-free guidance weight w "
                    "(0 = unconditional, 1 = plain conditional, > 1 stronger)")
+    g.add_argument("--truncation", type=_truncation, help="GAN only: redraw latent components beyond "
+                   "+-T (the truncation trick; 0 = off)")
     g.add_argument("--seed", type=int, default=0)
 
 
+def _truncation(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"truncation must be a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"truncation must be a finite number >= 0, got {text!r}")
+    return v
+
+
 def _sampling(args) -> dict:
-    return {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance}
+    return {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "truncation": args.truncation}
 
 
 def _runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -129,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(p)
 
     p = sub.add_parser("train", help="train a model on Ray Train")
-    p.add_argument("task", choices=("seg", "diffusion"))
+    p.add_argument("task", choices=("seg", "diffusion", "gan"))
     p.add_argument("--data", required=True, help="shard directory from `genseg prepare`")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, autocast")
@@ -138,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--arch", choices=("fcn32s", "fcn16s", "fcn8s"))
     p.add_argument("--backbone", choices=("compact", "resnet18", "resnet34", "resnet50"))
-    p.add_argument("--cond", choices=("none", "mask"), help="diffusion: unconditional or label-map conditioned")
+    p.add_argument("--cond", choices=("none", "mask"), help="diffusion/gan: unconditional or label-map conditioned")
+    from genseg.config import GAN_LOSSES
+
+    p.add_argument("--loss", choices=GAN_LOSSES, help="gan: the objective (default hinge)")
     p.add_argument("--config", help="YAML file of config fields")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set crop=256x256 (repeatable)")
@@ -154,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model")
     p.add_argument("task", choices=("seg", "gen"))
     p.add_argument("--model", help="checkpoint dir, MLflow run id or models:/ URI (default: the champion "
-                                   "genseg-segmenter for seg, genseg-diffusion for gen)")
+                                   "genseg-segmenter for seg, genseg-diffusion for gen; a GAN: "
+                                   "models:/genseg-gan@champion)")
     p.add_argument("--segmenter", default="models:/genseg-segmenter@champion",
                    help="gen: the segmenter whose features and mIoU score the samples")
     p.add_argument("--num", type=_count, default=64, help="gen: number of real/generated images")
@@ -168,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the figures here")
     _runtime_flags(p)
 
-    p = sub.add_parser("sample", help="draw images from a diffusion model")
+    p = sub.add_parser("sample", help="draw images from a generative model (diffusion or GAN)")
     p.add_argument("--model", default="models:/genseg-diffusion@champion",
                    help="checkpoint dir, MLflow run id or models:/ URI (default: the champion)")
     p.add_argument("--num", type=_count, default=8)
@@ -182,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(p)
 
     p = sub.add_parser("edit", help="remove objects or replace the background of an image")
-    p.add_argument("--model", default="models:/genseg-diffusion@champion", help="diffusion model REF")
+    p.add_argument("--model", default="models:/genseg-diffusion@champion",
+                   help="generative model REF (diffusion or GAN)")
     p.add_argument("--segmenter", default="models:/genseg-segmenter@champion", help="segmenter REF")
     p.add_argument("--image", required=True)
     p.add_argument("--out", required=True, help="output PNG (a .mask.png and a .json are written beside it)")
@@ -246,22 +262,23 @@ def cmd_prepare(args, rt) -> int:
 
 
 SEG_ONLY = ("arch", "backbone", "class_weights")
-DIFFUSION_ONLY = ("cond",)
+GENERATIVE_ONLY = ("cond",)
+GAN_ONLY = ("loss",)
 
 
 def task_config(args):
     """The task's config dataclass: YAML preset, then named flags, then ``--set`` overrides."""
     from genseg import config as config_lib
-    from genseg.config import DiffusionConfig, SegConfig
+    from genseg.config import DiffusionConfig, GANConfig, SegConfig
 
-    cls = SegConfig if args.task == "seg" else DiffusionConfig
-    wrong = SEG_ONLY if args.task != "seg" else DIFFUSION_ONLY
+    cls = {"seg": SegConfig, "diffusion": DiffusionConfig, "gan": GANConfig}[args.task]
+    wrong = {"seg": GENERATIVE_ONLY + GAN_ONLY, "diffusion": SEG_ONLY + GAN_ONLY, "gan": SEG_ONLY}[args.task]
     for flag in wrong:
         if getattr(args, flag, None) is not None:
             raise UsageError(f"--{flag.replace('_', '-')} does not apply to `train {args.task}`")
     cfg = config_lib.load_yaml(cls, args.config) if args.config else cls()
     named = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "arch": args.arch,
-             "backbone": args.backbone, "cond": args.cond}
+             "backbone": args.backbone, "cond": args.cond, "loss": args.loss}
     over = {k: v for k, v in named.items() if v is not None}
     over.update(config_lib.parse_overrides(args.set))
     return config_lib.replace(cfg, over)
@@ -278,8 +295,14 @@ def cmd_train(args, rt) -> int:
         check_split(args.data, split, need_labels=args.task == "seg")
     if args.task == "seg":
         from jobs import train_seg as job
+    elif args.task == "gan":
+        from jobs import train_gan as job
     else:
         from jobs import train_diffusion as job
+    if hasattr(job, "build_config"):      # the model the data implies (e.g. a GAN's image size), before Ray starts
+        from genseg.data.shards import read_manifest
+
+        job.build_config(read_manifest(args.data), cfg, Path(args.data))
     # the run name is ours until we return (a second `train --run-name` of it is refused)
     with hold_run(rt.workdir, args.run_name, args.task) as run_name:
         try:
@@ -404,8 +427,8 @@ def cmd_sample(args, rt) -> int:
     res["model"] = resolved.to_dict()
     sample_job.write_summary(res, args.out)
     s = res["sampling"]
-    print(f"wrote {res['num']} samples and {res['grid']} from {resolved.describe()} ({s['sampler']} x{s['steps']}, "
-          f"w={s['guidance']}, {res['seconds_per_image']:.2f} s/image)")
+    print(f"wrote {res['num']} samples and {res['grid']} from {resolved.describe()} ({res['sampling_desc']}, "
+          f"{res['seconds_per_image']:.2f} s/image)")
     return 0
 
 

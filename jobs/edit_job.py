@@ -67,7 +67,7 @@ def run(gen, seg, image: np.ndarray, out: str, *, remove: str | None = None, bac
         raise InputError(f"the generative model knows {gen.num_classes} classes, the segmenter "
                          f"{seg.num_classes}: they must share a label set")
     settings = gen.settings(**(sampling or {}))              # bad flags fail before any work
-    if opts.resample > 1 and settings.sampler == "dpmpp":
+    if opts.resample > 1 and getattr(settings, "sampler", None) == "dpmpp":
         raise InputError("--resample > 1 needs the ddpm or ddim sampler (dpmpp keeps state between steps)")
     if remove:
         classes = parse_classes(remove, names)

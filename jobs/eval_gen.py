@@ -27,6 +27,9 @@ from genseg.metrics import generation as gm
 from pipelines.shards import iter_split
 
 
+DIVERSITY_K = 5          # k of the k-NN balls of precision / recall / density / coverage
+
+
 def real_set(data: str, split: str, num: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """-> images ``(N, H, W, 3) uint8`` and masks ``(N, H, W)`` at the model size."""
     pairs = [diffusion_batch(batch, size, False, None) for batch in iter_split(data, split, limit=num)]
@@ -36,14 +39,19 @@ def real_set(data: str, split: str, num: int, size: tuple[int, int]) -> tuple[to
 
 
 @torch.no_grad()
-def features_and_miou(seg, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Segmenter features ``(N, D)`` and its mIoU of ``images`` against ``masks``."""
+def features_and_miou(seg, images: torch.Tensor, masks: torch.Tensor, with_histogram: bool = False):
+    """Segmenter features ``(N, D)`` and its mIoU of ``images`` against ``masks`` (and, with
+    ``with_histogram``, the share of pixels it assigns to each class)."""
     cm = ConfusionMatrix(seg.num_classes, seg.ignore_index)
-    feats = []
+    feats, preds = [], []
     for i in range(0, len(images), 16):
         batch = images[i: i + 16]
         feats.append(seg.features(batch))
-        cm.update(torch.from_numpy(seg.segment_batch(batch.numpy())), masks[i: i + 16])
+        pred = torch.from_numpy(seg.segment_batch(batch.numpy()))
+        preds.append(pred)
+        cm.update(pred, masks[i: i + 16])
+    if with_histogram:
+        return torch.cat(feats), cm.compute()["miou"], gm.class_histogram(torch.cat(preds), seg.num_classes)
     return torch.cat(feats), cm.compute()["miou"]
 
 
@@ -58,6 +66,7 @@ def noise_floor(seg, other: torch.Tensor, feats_real: torch.Tensor, seed: int) -
         return {"fd": gm.frechet_distance(feats_real, f_other),
                 "fd_std": gm.frechet_distance_std(feats_real, f_other, seed=seed),
                 "kid": gm.kernel_inception_distance(feats_real, f_other, seed=seed)[0],
+                "diversity": gm.diversity(feats_real, f_other) if n > DIVERSITY_K else None,
                 "n": n, "method": f"the evaluation set against the next {n} real images"}
     if n < 4:
         return None
@@ -69,14 +78,13 @@ def noise_floor(seg, other: torch.Tensor, feats_real: torch.Tensor, seed: int) -
 
 def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0, inpaint_num: int = 8,
         batch_size: int = 16, model_ref: str | None = None, segmenter_ref: str | None = None,
-        sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
-        keep_features: bool = False) -> dict:
+        keep_features: bool = False, **sampling) -> dict:
     """Sample through ``gen`` (a :class:`genseg.generation.Generator`), score with ``seg`` (a
     :class:`genseg.segmenter.Segmenter`) and return the figures with their protocol.
     ``keep_features`` adds ``res["features"] = {"real": (n, D), "fake": (n, D)}`` (tensors, not
     JSON; row i of both belongs to the same label map) for paired comparisons across runs."""
     t0 = time.perf_counter()
-    settings = gen.settings(sampler=sampler, steps=steps, guidance=guidance)
+    settings = gen.settings(**sampling)
     if gen.conditional and gen.num_classes != seg.num_classes:
         raise InputError("the generative model and the segmenter must share a label set "
                          f"({gen.num_classes} vs {seg.num_classes} classes)")
@@ -89,8 +97,8 @@ def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0
     fake = gen.generate(cond, n, seed, batch_size=batch_size, progress=True, **settings.to_dict())
     sec_per_image = (time.perf_counter() - t_sample) / n
 
-    f_real, miou_real = features_and_miou(seg, real, masks)
-    f_fake, miou_fake = features_and_miou(seg, fake, masks)
+    f_real, miou_real, hist_real = features_and_miou(seg, real, masks, with_histogram=True)
+    f_fake, miou_fake, hist_fake = features_and_miou(seg, fake, masks, with_histogram=True)
     kid, kid_std = gm.kernel_inception_distance(f_real, f_fake, seed=seed)
     res = {
         "n": n,
@@ -98,6 +106,11 @@ def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0
         "kid": kid, "kid_std": kid_std,
         "noise_floor": noise_floor(seg, both[n:], f_real, seed),
         "seconds_per_image": sec_per_image,
+        # collapse diagnostics: diversity in the segmenter's feature space, and the class-pixel
+        # histogram of the samples as the segmenter sees them against that of the real images
+        "diversity": gm.diversity(f_real, f_fake, k=DIVERSITY_K) if n > DIVERSITY_K else None,
+        "class_histogram": {"names": list(seg.names), "samples": hist_fake.tolist(), "real": hist_real.tolist(),
+                            "tv_distance": gm.histogram_distance(hist_fake, hist_real)},
     }
     if gen.conditional:
         res["seg_miou_samples"] = miou_fake
@@ -114,7 +127,7 @@ def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0
         res["inpaint_ssim"] = gm.ssim_in_mask(pred01, real01, holes)
     train_size = (seg.meta or {}).get("train_size") if hasattr(seg, "meta") else None
     res["protocol"] = {
-        "samples": n, "size": list(size), **settings.to_dict(), "seed": seed,
+        "samples": n, "size": list(size), **settings.to_dict(), "sampling": settings.describe(), "seed": seed,
         "weights": getattr(gen, "weights", None), "data": str(Path(data).resolve()), "split": split,
         "features": "segmenter stride-32 features, global average pooled",
         "segmenter": segmenter_ref or str(getattr(seg, "path", "?")), "segmenter_epoch": getattr(seg, "epoch", -1),
@@ -137,8 +150,8 @@ def _pm(v, std, fmt: str) -> str:
 def format_report(res: dict) -> str:
     p, fl = res["protocol"], res["noise_floor"] or {"fd": float("nan"), "fd_std": None,
                                                     "method": "none: too few real images"}
-    lines = [f"protocol: n={p['samples']} samples at {p['size'][0]}x{p['size'][1]}, {p['sampler']} x{p['steps']}, "
-             f"w={p['guidance']}, {p['weights']} weights, seed {p['seed']}",
+    lines = [f"protocol: n={p['samples']} samples at {p['size'][0]}x{p['size'][1]}, {p['sampling']}, "
+             f"{p['weights']} weights, seed {p['seed']}",
              f"generator {p['generator']} ({p['generator_kind']}, epoch {p['generator_epoch'] + 1})",
              f"segmenter {p['segmenter']} (epoch {p['segmenter_epoch'] + 1}); {p['features']}",
              f"FD   {_pm(res['fd'], res['fd_std'], '.4f')} (bootstrap std); real-vs-real floor "
@@ -151,6 +164,17 @@ def format_report(res: dict) -> str:
     elif not gm.fd_difference_resolved(res["fd"], res["fd_std"], fl["fd"], fl["fd_std"]):
         lines.append("note: FD is within the noise of the real-vs-real floor at this n: samples and real images "
                      "are not distinguishable by FD here")
+    div, fdiv = res.get("diversity"), (fl.get("diversity") if res["noise_floor"] else None)
+    if div:
+        lines.append("diversity (k=5 NN balls in the segmenter's features): "
+                     + ", ".join(f"{k} {div[k]:.3f}" + ("" if not fdiv else f" (real-vs-real {fdiv[k]:.3f})")
+                                 for k in ("precision", "recall", "density", "coverage")))
+    hist = res.get("class_histogram")
+    if hist:
+        top = sorted(range(len(hist["names"])), key=lambda i: -hist["real"][i])[:4]
+        lines.append(f"class pixels as segmented, samples vs real: TV distance {hist['tv_distance']:.3f} ("
+                     + ", ".join(f"{hist['names'][i]} {100 * hist['samples'][i]:.0f}/{100 * hist['real'][i]:.0f} %"
+                                 for i in top) + ")")
     if "seg_miou_samples" in res:
         frac = res.get("seg_miou_fraction_of_ceiling")
         lines.append(f"segmenter mIoU on samples {100 * res['seg_miou_samples']:.2f} vs {100 * res['seg_miou_real_ceiling']:.2f} "

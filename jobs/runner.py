@@ -78,36 +78,39 @@ class WorkerSession:
         return engine.epoch_batches(stream, self.rt["train_names"], self.cfg.seed, epoch, self.rank, self.world,
                                     batch_size, self.rt["steps_per_epoch"])
 
-    def restore(self, model, optimizer=None, scheduler=None, extra_weights: dict | None = None,
+    def restore(self, models, optimizers: dict | None = None, schedulers: dict | None = None,
                 rngs: dict | None = None, scaler=None) -> tuple[int, dict]:
         """Load the latest checkpoint (if any) into the given objects -> (start epoch, meta).
 
-        ``extra_weights`` maps names saved by :meth:`report` (e.g. ``"ema"``) to modules to fill;
-        ``rngs`` names the loop's own generators (``random.Random`` / ``torch.Generator``), whose
-        state is put back with the global ones of this rank; ``scaler`` is an fp16 GradScaler.
-        Call it after everything that draws random numbers at start-up (model init), right
-        before the epoch loop, and build the model on its device first so the optimizer state
-        lands on the parameters' device."""
+        ``models`` maps the names :meth:`report` saved them under to modules: ``"model"`` is the
+        checkpoint's own model (``model.safetensors``), any other name a ``<name>.safetensors``
+        beside it (``"ema"``, ``"discriminator"``); a bare module means ``{"model": module}``.
+        ``optimizers`` / ``schedulers`` map names to objects the same way.  ``rngs`` names the
+        loop's own generators (``random.Random`` / ``torch.Generator``), whose state is put back
+        with the global ones of this rank; ``scaler`` is an fp16 GradScaler.  Call it after
+        everything that draws random numbers at start-up (model init), right before the epoch
+        loop, and build the models on their device first so optimizer state lands beside them."""
+        models = _named(models)
         resume = ray.train.get_checkpoint()
         if not resume:
             return 0, {}
         with resume.as_directory() as d:
             ck = ckpt_lib.load(d)
-            model.load_state_dict(ck.state_dict)
-            state = ckpt_lib.load_train_state(d) or {}
-            if optimizer is not None and state.get("optimizer"):
-                optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler"):
-                scheduler.load_state_dict(state["scheduler"])
+            state = ckpt_lib.load_train_state(d) or {"optimizers": {}, "schedulers": {}}
+            for name, module in models.items():
+                weights = ck.state_dict if name == "model" else ckpt_lib.load_weights(d, name)
+                if weights is None:
+                    raise ckpt_lib.CheckpointError(f"the checkpoint to resume from has no {name!r} weights")
+                module.load_state_dict(weights)
+            for kind, objs in (("optimizers", optimizers), ("schedulers", schedulers)):
+                for name, obj in (objs or {}).items():
+                    if obj is not None and state[kind].get(name):
+                        obj.load_state_dict(state[kind][name])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
-            for name, module in (extra_weights or {}).items():
-                weights = ckpt_lib.load_weights(d, name)
-                if weights is not None:
-                    module.load_state_dict(weights)
             meta = dict(ck.meta)
             meta["extra_state"] = {k: v for k, v in state.items()
-                                   if k not in ("optimizer", "scheduler", "epoch", "rng", "scaler")}
+                                   if k not in ("optimizers", "schedulers", "epoch", "rng", "scaler")}
             start = int(state.get("epoch", ck.epoch)) + 1
         self._restore_rngs(state.get("rng") or [], rngs or {}, start)
         return start, meta
@@ -159,13 +162,25 @@ class WorkerSession:
         dist.all_gather_object(everyone, mine)   # NCCL: Ray Train has set this worker's CUDA device
         return everyone
 
-    def report(self, epoch: int, metrics: dict, model, optimizer=None, scheduler=None,
-               meta: dict | None = None, extra_state: dict | None = None, extra_weights: dict | None = None,
+    def broadcast(self, value: float) -> float:
+        """Rank 0's float on every worker (for a score only rank 0 computes)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
+    def report(self, epoch: int, metrics: dict, models, optimizers: dict | None = None,
+               schedulers: dict | None = None, meta: dict | None = None, extra_state: dict | None = None,
                rngs: dict | None = None, scaler=None) -> None:
         """``ray.train.report`` on every worker (it is a barrier); rank 0 attaches the checkpoint.
 
-        The checkpoint carries every rank's random state (global generators + ``rngs``) and the
+        ``models``, ``optimizers`` and ``schedulers`` are named as for :meth:`restore`.  The
+        checkpoint carries every rank's random state (global generators + ``rngs``) and the
         GradScaler's, so a resumed run continues the very same random streams."""
+        models = _named(models)
         states = self._gather_rngs(rngs or {})
         if self.rank != 0:
             ray.train.report(metrics)
@@ -175,10 +190,18 @@ class WorkerSession:
             extra["scaler"] = scaler.state_dict()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "ckpt"
-            ckpt_lib.save(path, model, self.cfg, epoch=epoch, metrics=metrics, classes=self.rt["classes"],
-                          optimizer=optimizer, scheduler=scheduler, extra_meta=meta,
-                          extra_state=extra, extra_weights=extra_weights)
+            ckpt_lib.save(path, models["model"], self.cfg, epoch=epoch, metrics=metrics, classes=self.rt["classes"],
+                          optimizers=optimizers, schedulers=schedulers, extra_meta=meta, extra_state=extra,
+                          extra_weights={k: m for k, m in models.items() if k != "model"})
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)))
+
+
+def _named(models) -> dict:
+    """``{"model": m, ...}`` from a dict or a bare module; the checkpoint's own model is required."""
+    models = models if isinstance(models, dict) else {"model": models}
+    if "model" not in models:
+        raise ValueError("models must include the checkpoint's own model under the name 'model'")
+    return models
 
 
 # ------------------------------------------------------------------ driver side

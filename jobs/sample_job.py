@@ -39,10 +39,10 @@ def label_maps(shards: str, split: str, num: int, gen) -> torch.Tensor:
 
 
 def run(gen, out: str, *, num: int = 8, masks: str | None = None, split: str = "val", seed: int = 0,
-        batch_size: int = 8, sampler: str | None = None, steps: int | None = None,
-        guidance: float | None = None) -> dict:
-    """Sample ``num`` images into ``out`` (PNGs, label maps, an upscaled ``grid.png``)."""
-    settings = gen.settings(sampler=sampler, steps=steps, guidance=guidance)   # fail before any work
+        batch_size: int = 8, **sampling) -> dict:
+    """Sample ``num`` images into ``out`` (PNGs, label maps, an upscaled ``grid.png``); ``sampling``
+    overrides the model's settings (None = the model's own)."""
+    settings = gen.settings(**sampling)   # fail before any work
     if num < 1:
         raise InputError(f"--num must be >= 1, got {num}")
     labels = None
@@ -63,8 +63,11 @@ def run(gen, out: str, *, num: int = 8, masks: str | None = None, split: str = "
             save_png(colorize(labels[i].numpy(), palette, gen.ignore_index), out_dir / f"label_{i:04d}.png")
     grid = save_png(upscale(grid_picture(images, labels, palette, gen.ignore_index), GRID_MIN_WIDTH),
                     out_dir / "grid.png")
-    used = settings if labels is not None or not gen.conditional else settings.merged(guidance=0.0)
-    return {"num": int(len(images)), "grid": str(grid), "sampling": used.to_dict(), "seed": seed,
+    # a conditional diffusion model without label maps samples its unconditional branch (w = 0)
+    used = settings if labels is not None or not gen.conditional or gen.kind != "diffusion" \
+        else settings.merged(guidance=0.0)
+    return {"num": int(len(images)), "grid": str(grid), "sampling": used.to_dict(), "sampling_desc": used.describe(),
+            "seed": seed,
             "weights": getattr(gen, "weights", None), "size": list(gen.image_size),
             "conditioned": labels is not None, "kind": gen.kind,
             "seconds": round(seconds, 3), "seconds_per_image": seconds / max(1, len(images))}

@@ -48,8 +48,8 @@ def train_loop(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = engine.make_scheduler(optimizer, cfg.lr_schedule, cfg.epochs, cfg.warmup_epochs, rt["steps_per_epoch"])
     scaler = torch.amp.GradScaler("cuda") if s.device.type == "cuda" and cfg.amp == "fp16" else None
-    start_epoch, meta = s.restore(model, optimizer, scheduler, extra_weights={"ema": ema.model}, rngs=rngs,
-                                  scaler=scaler)
+    start_epoch, meta = s.restore({"model": model, "ema": ema.model}, {"model": optimizer}, {"model": scheduler},
+                                  rngs=rngs, scaler=scaler)
     ema.updates = int(meta.get("extra_state", {}).get("ema_updates", 0))
     best = meta.get("best_val_x0_mse", float("inf"))
     noise = make_train_scheduler(cfg)
@@ -83,8 +83,8 @@ def train_loop(loop_config: dict) -> None:
             if epoch % max(1, cfg.sample_every) == 0 or epoch == cfg.epochs - 1:
                 picture = _sample_grid(ema.model, val_shard, cfg, noise, size, rt["classes"]["palette"], s.device)
             s.log(epoch, metrics, picture, f"samples/epoch_{epoch:03d}.png")
-        s.report(epoch, metrics, model, optimizer, scheduler, meta={"best_val_x0_mse": best},
-                 extra_state={"ema_updates": ema.updates}, extra_weights={"ema": ema.model}, rngs=rngs, scaler=scaler)
+        s.report(epoch, metrics, {"model": model, "ema": ema.model}, {"model": optimizer}, {"model": scheduler},
+                 meta={"best_val_x0_mse": best}, extra_state={"ema_updates": ema.updates}, rngs=rngs, scaler=scaler)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ def train_loop(loop_config: dict) -> None:
     scheduler = engine.make_scheduler(optimizer, cfg.schedule, cfg.epochs, cfg.warmup_epochs, rt["steps_per_epoch"])
     scaler = torch.amp.GradScaler("cuda") if s.device.type == "cuda" and cfg.amp == "fp16" else None
     rngs = {"augment": rng}
-    start_epoch, meta = s.restore(model, optimizer, scheduler, rngs=rngs, scaler=scaler)
+    start_epoch, meta = s.restore(model, {"model": optimizer}, {"model": scheduler}, rngs=rngs, scaler=scaler)
     best = meta.get("best_miou", float("-inf"))
     model = ray.train.torch.prepare_model(model)
     val_shard = ray.train.get_dataset_shard("val")
@@ -64,7 +64,7 @@ def train_loop(loop_config: dict) -> None:
                 palette = rt["classes"]["palette"]
                 picture = stack_rows([triptych(i, m, p, palette, cfg.ignore_index) for i, m, p in kept])
             s.log(epoch, {**metrics, **per_class}, picture, f"pictures/epoch_{epoch:03d}.png")
-        s.report(epoch, metrics, model, optimizer, scheduler,
+        s.report(epoch, metrics, model, {"model": optimizer}, {"model": scheduler},
                  meta={"best_miou": best, "val": val, "train_size": rt.get("data_size")}, rngs=rngs, scaler=scaler)
 
 

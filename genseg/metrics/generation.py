@@ -4,6 +4,8 @@
 * KID (Binkowski et al. 2018): unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3, averaged
   over random proper subsets
 * the real-vs-real noise floor of FD and KID, and a test of whether two FDs differ beyond noise
+* precision / recall / density / coverage of samples (mode collapse shows in recall and coverage),
+  and the class-pixel histogram of samples as seen by a segmenter
 * PSNR and SSIM (Wang et al. 2004) restricted to the pixels of a mask, for inpainting
 
 At the sample counts this project can afford (tens to a few hundred), FD and KID are noisy and
@@ -157,6 +159,80 @@ def fd_ratio_interval(feats_real: torch.Tensor, feats_a: torch.Tensor, feats_b: 
     fd_b = frechet_distance(feats_real, feats_b)
     return {"ratio": frechet_distance(feats_real, feats_a) / fd_b if fd_b > 0 else float("inf"),
             "low": float(lo), "high": float(hi), "level": level, "rounds": rounds, "n": n}
+
+
+def _kth_nn_radius(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance of every row of ``x`` to its k-th nearest other row."""
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(float("inf"))
+    return d.kthvalue(k, dim=1).values
+
+
+def diversity(feats_real: torch.Tensor, feats_fake: torch.Tensor, k: int = 5) -> dict:
+    """Fidelity and diversity of samples in a feature space, from k-nearest-neighbour balls:
+
+    * precision (Kynkaenniemi et al. 2019): share of samples inside some real ball (realistic);
+    * recall: share of real points inside some sample ball (the real variety the samples reach);
+    * density and coverage (Naeem et al. 2020): density counts how many real balls hold each
+      sample (/ k); coverage is the share of real balls holding at least one sample.  Coverage
+      and recall fall when a generator collapses onto a few modes; precision and density do not.
+
+    A ball's radius is the distance to the k-th nearest neighbour within its own set.  With fewer
+    than ``k + 1`` points in a set the figures are undefined: ValueError."""
+    a, b = feats_real.double(), feats_fake.double()
+    if len(a) <= k or len(b) <= k:
+        raise ValueError(f"diversity with k={k} needs more than {k} real and {k} generated samples, "
+                         f"got {len(a)} and {len(b)}")
+    r_real, r_fake = _kth_nn_radius(a, k), _kth_nn_radius(b, k)
+    d = torch.cdist(b, a)                               # (fake, real)
+    inside_real = d <= r_real[None, :]                  # fake j inside real ball i
+    inside_fake = d <= r_fake[:, None]                  # real i inside fake ball j
+    return {"precision": float(inside_real.any(1).double().mean()),
+            "recall": float(inside_fake.any(0).double().mean()),
+            "density": float(inside_real.double().sum(1).mean() / k),
+            "coverage": float(inside_real.any(0).double().mean()), "k": k}
+
+
+def class_histogram(pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Share of pixels per class ``(K,)`` in predicted label maps ``pred (N, H, W)``."""
+    h = torch.bincount(pred.flatten().long().clamp(0, num_classes - 1), minlength=num_classes).double()
+    return h / h.sum().clamp(min=1)
+
+
+def histogram_distance(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Total variation distance ``0.5 * sum |p - q|`` of two class histograms (0 = same, 1 = disjoint)."""
+    return float(0.5 * (p.double() - q.double()).abs().sum())
+
+
+class RandomFeatures(torch.nn.Module):
+    """A fixed, seeded, randomly initialised conv net whose pooled activations give a feature
+    space for a score during training, where no trained segmenter is at hand (Naeem et al. 2020
+    show random embeddings rank generators sensibly).  Same seed, same features: scores from
+    different runs on the same data compare.  Not a substitute for ``eval gen``'s segmenter
+    features; it exists to pick a GAN's best epoch and champion."""
+
+    def __init__(self, seed: int = 0, widths: tuple[int, ...] = (32, 64, 128)):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        layers, prev = [], 3
+        for w in widths:
+            conv = torch.nn.Conv2d(prev, w, 3, stride=2, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (2 / (9 * prev)) ** 0.5)
+                conv.bias.zero_()
+            layers.append(conv)
+            prev = w
+        self.convs = torch.nn.ModuleList(layers)
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, 3, H, W)`` in [-1, 1] -> ``(B, sum(widths))``: every stage's ReLU activations, averaged over space."""
+        feats = []
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+            feats.append(x.mean((2, 3)))
+        return torch.cat(feats, 1)
 
 
 def psnr_in_mask(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, data_range: float = 1.0) -> float:

@@ -114,6 +114,15 @@ def diffusion_checkpoint(d: Path, cond: str = "mask") -> Path:
     return ck.save(d / f"diff-{cond}", build_diffusion_model(cfg), cfg, epoch=0, classes=SYNTHETIC.to_dict())
 
 
+def gan_checkpoint(d: Path) -> Path:
+    from genseg import checkpoint as ck
+    from genseg.config import GANConfig
+    from genseg.gan.models import build_generator
+
+    cfg = GANConfig(num_classes=SYNTHETIC.num_classes, image_size=(16, 24), g_channels=8, d_channels=8, z_dim=8)
+    return ck.save(d / "gan", build_generator(cfg), cfg, epoch=0, classes=SYNTHETIC.to_dict())
+
+
 def truncated(make: Callable[[Path], Path], name: str):
     def build(d: Path) -> Path:
         ckpt = make(d)
@@ -164,8 +173,8 @@ def synth(*extra: str):
                       *extra]
 
 
-def train(data: Callable[[Path], Path], *extra: str):
-    return lambda d: ["train", "seg", "--data", str(data(d)), "--workers", "1", "--epochs", "1", *extra]
+def train(data: Callable[[Path], Path], *extra: str, task: str = "seg"):
+    return lambda d: ["train", task, "--data", str(data(d)), "--workers", "1", "--epochs", "1", *extra]
 
 
 def eval_seg(data: Callable[[Path], Path], *extra: str):
@@ -279,6 +288,18 @@ CASES = [
     Case("edit-dpmpp-with-resampling", edit("--remove", "sky", "--sampler", "dpmpp", "--resample", "2"),
          "needs the ddpm or ddim sampler"),
     Case("edit-unknown-class", edit("--remove", "unicorn"), "unknown class 'unicorn'"),
+    # GANs
+    Case("train-gan-image-size-does-not-fit", train(shards(size=(20, 30)), task="gan"),
+         "config field 'image_size' (20, 30): both sides must be divisible by 4"),
+    Case("train-gan-unknown-loss", train(shards(), "--loss", "lsgan", task="gan"), "invalid choice: 'lsgan'", code=2),
+    Case("train-gan-unknown-loss-set", train(shards(), "--set", "loss=lsgan", task="gan"),
+         "config field 'loss' must be one of minimax, nsgan, hinge, wgan-gp; got 'lsgan'"),
+    Case("train-seg-given-a-gan-loss", train(shards(), "--loss", "hinge"), "--loss does not apply to `train seg`"),
+    Case("sample-gan-with-diffusion-steps", sample(gan_checkpoint, "--steps", "3"),
+         "--steps: a GAN draws an image in one forward pass"),
+    Case("sample-diffusion-with-truncation", sample(diffusion_checkpoint, "--truncation", "1.5"),
+         "--truncation applies to GANs only"),
+    Case("sample-conditional-gan-without-masks", sample(gan_checkpoint), "has no unconditional mode"),
 ]
 
 

@@ -31,9 +31,9 @@ def test_round_trip_weights_config_and_train_state(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), m2(x))
     state = ck.load_train_state(path)
-    assert state["epoch"] == 1 and state["scheduler"]["last_epoch"] == 1
+    assert state["epoch"] == 1 and state["schedulers"]["model"]["last_epoch"] == 1
     opt2 = make_optimizer(m2, cfg)
-    opt2.load_state_dict(state["optimizer"])
+    opt2.load_state_dict(state["optimizers"]["model"])
     assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "train_state.pt"]
 
@@ -199,3 +199,28 @@ def test_train_state_with_rng_states_loads_with_weights_only(tmp_path):
     g2, r2 = torch.Generator(), random.Random()
     rng.restore(loaded, {"noise": g2, "augment": r2})
     assert torch.equal(torch.rand(3, generator=g2), expect[0]) and r2.random() == expect[1]
+
+
+def test_train_state_from_before_named_optimizers_still_resumes(tmp_path):
+    """Checkpoints written with one ``optimizer`` key load as ``optimizers["model"]``."""
+    from genseg import checkpoint as ck
+    from genseg.config import SegConfig
+    from genseg.models import build_segmenter
+
+    cfg = SegConfig(num_classes=3, width=8)
+    model = build_segmenter(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(2, 3, 64, 64)).sum().backward()
+    opt.step()
+    path = ck.save(tmp_path / "c", model, cfg, epoch=2, optimizer=opt)
+    state = torch.load(path / ck.STATE_FILE, weights_only=True)
+    legacy = {"epoch": 2, "optimizer": state["optimizers"]["model"], "scheduler": None}
+    torch.save(legacy, path / ck.STATE_FILE)
+    doc = json.loads((path / ck.CONFIG_FILE).read_text())
+    doc["files"][ck.STATE_FILE] = ck._describe(path / ck.STATE_FILE)
+    (path / ck.CONFIG_FILE).write_text(json.dumps(doc))
+    loaded = ck.load_train_state(path)
+    assert set(loaded["optimizers"]) == {"model"} and loaded["schedulers"] == {} and "optimizer" not in loaded
+    opt2 = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(loaded["optimizers"]["model"])
+    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])

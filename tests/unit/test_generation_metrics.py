@@ -259,3 +259,35 @@ def test_fd_ratio_interval_refuses_unpaired_sets():
     x = torch.randn(10, 2)
     with pytest.raises(ValueError, match="same length"):
         gm.fd_ratio_interval(x, x[:9], x)
+
+
+def test_diversity_exact_cases():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(40, 3, generator=g)
+    same = gm.diversity(real, real.clone(), k=3)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    far = gm.diversity(real, real + 100.0, k=3)
+    assert far["precision"] == far["recall"] == far["coverage"] == far["density"] == 0.0
+    # half the modes: samples only near the real points with x0 > 0
+    half = real[real[:, 0] > 0]
+    d = gm.diversity(real, half + 0.01, k=3)
+    assert d["precision"] == 1.0 and 0.3 < d["coverage"] < 0.75
+    with pytest.raises(ValueError, match="needs more than 3"):
+        gm.diversity(real, real[:3], k=3)
+
+
+def test_class_histogram_and_its_distance():
+    pred = torch.tensor([[[0, 0], [1, 2]]])
+    h = gm.class_histogram(pred, 4)
+    assert h.tolist() == [0.5, 0.25, 0.25, 0.0]
+    assert gm.histogram_distance(h, h) == 0.0
+    assert gm.histogram_distance(torch.tensor([1.0, 0]), torch.tensor([0, 1.0])) == 1.0
+    assert gm.histogram_distance(h, torch.tensor([0.25, 0.25, 0.25, 0.25])) == pytest.approx(0.25)
+
+
+def test_random_features_are_fixed_by_their_seed():
+    x = torch.rand(3, 3, 16, 24) * 2 - 1
+    a, b = gm.RandomFeatures(seed=0)(x), gm.RandomFeatures(seed=0)(x)
+    assert a.shape == (3, 32 + 64 + 128) and torch.equal(a, b)
+    assert not torch.equal(a, gm.RandomFeatures(seed=1)(x))
+    assert a[0].abs().sum() > 0 and not torch.equal(a[0], a[1])
