@@ -102,7 +102,8 @@ def main() -> None:
         row = {"sampler": sampler, "steps": int(steps), "spec": spec, "s_per_image": res["seconds_per_image"], "fd": res["fd"],
                "fd_std": res["fd_std"], "kid": res["kid"], "kid_std": res["kid_std"], "seg_miou_samples": res.get("seg_miou_samples"),
                "seg_miou_real_ceiling": res.get("seg_miou_real_ceiling"), "n": res["n"], "inpaint_psnr": res.get("inpaint_psnr"),
-               "inpaint_ssim": res.get("inpaint_ssim"), "protocol": res["protocol"]}
+               "inpaint_ssim": res.get("inpaint_ssim"), "diversity": res.get("diversity"),
+               "class_tv": res["class_histogram"]["tv_distance"], "protocol": res["protocol"]}
         rows.append(row)
         compare(rows, feats)
         path.write_text(json.dumps(out, indent=2))

@@ -6,6 +6,7 @@ model with :func:`genseg.loading.load`, which reads weights only.
 * segmenter: ``predict(images (N, H, W, 3) uint8)`` -> label maps ``(N, H, W) uint8``
 * diffusion: ``predict(label_maps (N, H, W) int64, params={"seed", "sampler", "steps", "guidance"})``
   -> images ``(N, H, W, 3) uint8`` (an unconditional model takes ``params={"num": N}`` and any input).
+* GAN: the same, with ``params={"seed", "truncation"}``.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class GensegModel(PythonModel):
             if x.ndim != 4 or x.shape[-1] != 3:
                 raise ValueError(f"expected images of shape (N, H, W, 3), got {x.shape}")
             return self.model.segment_batch(x.astype(np.uint8)).astype(np.uint8)
-        sampling = {k: params.get(k) for k in ("sampler", "steps", "guidance")}
+        keys = ("truncation",) if self.model.kind == "gan" else ("sampler", "steps", "guidance")
+        sampling = {k: params.get(k) for k in keys}
         sampling = {k: v for k, v in sampling.items() if v not in (None, "", 0, -1.0)}
         seed = int(params.get("seed") or 0)
         if self.model.conditional:

@@ -325,10 +325,10 @@ def save_pyfunc(checkpoint_dir: str | Path, out_dir: str | Path, kind: str) -> P
 
         sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1), "label_maps")]),
                              outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
-                             params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("num", "long", 0),
-                                                 ParamSpec("sampler", "string", ""),
-                                                 ParamSpec("steps", "long", 0),
-                                                 ParamSpec("guidance", "double", -1.0)]))
+                             params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("num", "long", 0)] + (
+                                 [ParamSpec("truncation", "double", -1.0)] if kind == "gan" else
+                                 [ParamSpec("sampler", "string", ""), ParamSpec("steps", "long", 0),
+                                  ParamSpec("guidance", "double", -1.0)])))
     import warnings
 
     code = Path(__file__).with_name("mlflow_model.py")

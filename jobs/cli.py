@@ -213,9 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     _runtime_flags(p)
 
-    p = sub.add_parser("demo", help="synthetic data -> segmentation and diffusion training -> eval -> samples")
+    p = sub.add_parser("demo", help="synthetic data -> segmentation, diffusion and GAN training -> eval -> samples")
     p.add_argument("--epochs", type=int, default=6, help="segmentation epochs")
     p.add_argument("--diffusion-epochs", type=int, default=12)
+    p.add_argument("--gan-epochs", type=int, default=20)
     p.add_argument("--num", type=int, default=240)
     p.add_argument("--size", type=_size, default=(64, 96))
     _runtime_flags(p)
@@ -299,7 +300,7 @@ def cmd_train(args, rt) -> int:
         from jobs import train_gan as job
     else:
         from jobs import train_diffusion as job
-    if hasattr(job, "build_config"):      # the model the data implies (e.g. a GAN's image size), before Ray starts
+    if args.task != "seg":   # the model the data implies (e.g. a GAN's image size), checked before Ray starts
         from genseg.data.shards import read_manifest
 
         job.build_config(read_manifest(args.data), cfg, Path(args.data))
@@ -456,7 +457,8 @@ def cmd_edit(args, rt) -> int:
 def cmd_demo(args, rt) -> int:
     from jobs import demo
 
-    return demo.run(rt, epochs=args.epochs, num=args.num, size=args.size, diffusion_epochs=args.diffusion_epochs)
+    return demo.run(rt, epochs=args.epochs, num=args.num, size=args.size, diffusion_epochs=args.diffusion_epochs,
+                    gan_epochs=args.gan_epochs)
 
 
 class UsageError(Exception):
@@ -503,6 +505,20 @@ INTERRUPTED = {"prepare": "interrupted; nothing was written (an earlier output i
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; SIGTERM stops it as Ctrl-C does (jobs.runtime.sigterm_as_interrupt)."""
+    import signal
+
+    from jobs.runtime import sigterm_as_interrupt
+
+    previous = sigterm_as_interrupt()
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]

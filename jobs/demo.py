@@ -38,6 +38,11 @@ DIFFUSION = {"channels": "32,64,64", "schedule": "cosine", "prediction": "v_pred
              "threads_per_worker": 1}
 DIFFUSION_BATCH = 4               # per worker: 2 workers x 4 = 8 images a step
 SAMPLER, STEPS, GUIDANCE = "ddim", 20, 2.0
+# A tiny label-conditioned DCGAN beside it (SPADE generator, spectral-norm discriminator, hinge
+# loss), at the same size on the same scenes: one forward pass per image instead of 20 UNet calls.
+GAN = {"g_channels": 16, "d_channels": 16, "z_dim": 32, "sample_every": 1000, "score_images": 96,
+       "threads_per_worker": 1}
+GAN_BATCH, GAN_LOSS = 8, "hinge"
 GRID = 8                          # samples in the grid
 # The scenes the diffusion model learns from hold out 40 % as val: eval gen scores n = val / 2
 # samples, and the real-vs-real noise floor compares the first n val images with the other n, so
@@ -85,6 +90,10 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
+def _ms(v) -> str:
+    return "n/a" if v is None else (f"{1000 * v:.1f} ms" if v < 1 else f"{v:.2f} s")
+
+
 def _pm(v, std, fmt: str = ".3f") -> str:
     if v is None:
         return "n/a"
@@ -115,6 +124,11 @@ def generation_story(g: dict) -> list[str]:
             else:
                 fd_line += f": {'above' if g['fd'] > floor['fd'] else 'below'} it by more than 2 std"
     lines.append(fd_line)
+    div, fdiv = g.get("diversity"), floor.get("diversity")
+    if div:
+        lines.append(f"diversity: recall {div['recall']:.2f}, coverage {div['coverage']:.2f}"
+                     + ("" if not fdiv else f" (real-vs-real {fdiv['recall']:.2f}, {fdiv['coverage']:.2f}); "
+                        f"a collapsed generator drives both toward 0"))
     if g.get("kid") is not None:
         kid_floor = floor.get("kid")
         lines.append(f"KID {_pm(g['kid'], g.get('kid_std'), '.4f')}"
@@ -122,7 +136,34 @@ def generation_story(g: dict) -> list[str]:
     return lines
 
 
-def run(rt, epochs: int = 6, num: int = 240, size: tuple[int, int] = (64, 96), diffusion_epochs: int = 12) -> int:
+def side_by_side(diffusion_samples: Path, gan_samples: Path, out: Path) -> Path | None:
+    """One picture: label map | diffusion sample | GAN sample, on the same val label maps
+    (both sample directories were drawn from the same --masks in the same order)."""
+    import numpy as np
+    from PIL import Image
+
+    from genseg.viz import save_png, stack_rows, upscale
+    from jobs.sample_job import GRID_MIN_WIDTH
+
+    rows = []
+    for i in range(GRID):
+        label, diff, gan = (d / f"{kind}_{i:04d}.png" for d, kind in
+                            ((diffusion_samples, "label"), (diffusion_samples, "sample"), (gan_samples, "sample")))
+        if not (label.is_file() and diff.is_file() and gan.is_file()):
+            break
+        rows.append(np.concatenate([np.asarray(Image.open(p).convert("RGB")) for p in (label, diff, gan)], axis=1))
+    if not rows:
+        return None
+    half = (len(rows) + 1) // 2          # two columns of rows keep the picture from being a tall strip
+    left, right = stack_rows(rows[:half]), stack_rows(rows[half:] or [np.full_like(rows[0], 255)])
+    if right.shape[0] < left.shape[0]:
+        right = np.concatenate([right, np.full((left.shape[0] - right.shape[0], *right.shape[1:]), 255, np.uint8)])
+    pad = np.full((left.shape[0], 4, 3), 255, np.uint8)
+    return save_png(upscale(np.concatenate([left, pad, right], axis=1), GRID_MIN_WIDTH), out)
+
+
+def run(rt, epochs: int = 6, num: int = 240, size: tuple[int, int] = (64, 96), diffusion_epochs: int = 12,
+        gan_epochs: int = 20) -> int:
     from jobs import cli
 
     t_start = time.perf_counter()
@@ -133,7 +174,7 @@ def run(rt, epochs: int = 6, num: int = 240, size: tuple[int, int] = (64, 96), d
     verbose = ["-v"] if getattr(rt, "verbose", False) else []
     dsize = diffusion_size(size)
     separate_scorer = tuple(dsize) != tuple(size)
-    total = 8 if separate_scorer else 6
+    total = (8 if separate_scorer else 6) + 3
     timings: dict[str, float] = {}
     counter = [0]
 
@@ -235,6 +276,34 @@ def run(rt, epochs: int = 6, num: int = 240, size: tuple[int, int] = (64, 96), d
               "--json", str(gen_json)])
         for line in generation_story(_read(gen_json)):
             print(f"      {line}")
+
+        # 7. a GAN on the same scenes, its samples on the same label maps, scored the same way
+        gan_json = demo_dir / "train_gan.json"
+        gset = {"image_size": _sizes(dsize), **GAN}
+        step("train gan",
+             f"label-conditioned DCGAN at {_sizes(dsize)} ({GAN_LOSS} loss, SPADE generator, spectral-norm "
+             f"discriminator) on 2 workers for {gan_epochs} epochs (MLflow: genseg-gan)",
+             ["train", "gan", "--data", str(gen_shards), "--cond", "mask", "--workers", "2", "--epochs", str(gan_epochs),
+              "--batch-size", str(GAN_BATCH), "--loss", GAN_LOSS, *[a for k, v in gset.items() for a in ("--set", f"{k}={v}")],
+              "--run-name", f"demo-gan-{stamp}", "--json", str(gan_json)])
+        gan = _read(gan_json)
+        gan_ref = _model_ref(gan)
+        say(f"best val FD in random features {_pm(gan.get('best_score'), None, '.4f')} at epoch "
+            f"{gan.get('best_epoch', 0) + 1}; {gan_ref}")
+        gan_samples = demo_dir / "samples-gan"
+        step("sample gan", f"{GRID} GAN samples on the same val label maps -> {gan_samples}",
+             ["sample", "--model", gan_ref, "--num", str(GRID), "--masks", str(gen_shards), "--out", str(gan_samples)])
+        both = side_by_side(samples_dir, gan_samples, demo_dir / "gan_vs_diffusion.png")
+        gs = _read(gan_samples / "samples.json")
+        ds = _read(samples_dir / "samples.json")
+        say(f"{both} (label map | diffusion | GAN); {_ms(ds.get('seconds_per_image'))} per image for diffusion "
+            f"({SAMPLER} x{STEPS}), {_ms(gs.get('seconds_per_image'))} for the GAN")
+        gan_eval = demo_dir / "eval_gen_gan.json"
+        step("eval gen gan", f"the GAN scored like the diffusion model: {n_gen} samples, the same segmenter and floor",
+             ["eval", "gen", "--model", gan_ref, "--segmenter", scorer_ref, "--data", str(gen_shards),
+              "--num", str(n_gen), "--json", str(gan_eval)])
+        for line in generation_story(_read(gan_eval)):
+            print(f"      {line}")
     except DemoStepFailed as exc:
         print(f"\ngenseg demo: {exc}")
         return exc.rc
@@ -252,6 +321,8 @@ done in {took:.0f}s ({steps}). What was made:
   diffusion model   {diff.get('best_checkpoint')} ({diff_ref})
   samples           {grid}
   generation scores {gen_json}
+  GAN               {gan.get('best_checkpoint')} ({gan_ref}); samples {gan_samples / 'grid.png'}; scores {gan_eval}
+  side by side      {both}
 Open the tracking UI with:
   .venv/bin/mlflow ui --backend-store-uri {rt.tracking_uri}
 Sample again, with another guidance weight:

@@ -172,8 +172,25 @@ def init_ray(rt: Runtime, num_cpus: int | None = None) -> None:
         _join(rt.ray_address)
     else:
         _start_local(num_cpus)
+    sigterm_as_interrupt()       # ray.init installs a SIGTERM handler that aborts the driver: ours again
     if not rt.verbose:
         _show_only_worker_output()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def sigterm_as_interrupt():
+    """Make SIGTERM (``kill``, a container stop, a scheduler's time limit) stop a command the way
+    Ctrl-C does: the local Ray it started is shut down and a training run says how to resume.
+    -> the previous handler (None off the main thread, where handlers cannot be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _join(address: str) -> None:

@@ -371,12 +371,17 @@ def test_help_points_to_the_readme():
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_train_says_how_to_resume(tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during `genseg train`:
-    exit 130 with one line holding the exact command that resumes the run; running it resumes."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_during_train_says_how_to_resume(tmp_path, how):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM to the genseg
+    process alone (``kill``, a scheduler) during `genseg train`: exit 130 with one line holding the
+    exact command that resumes the run, and no process of the Ray it started left behind;
+    running the command resumes."""
     import shlex
     import signal
     import time
+
+    import psutil
 
     data = write_shards(tmp_path / "shards", {"train": 8, "val": 4})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -395,18 +400,27 @@ def test_ctrl_c_during_train_says_how_to_resume(tmp_path):
             assert time.monotonic() < deadline and p.poll() is None, "no checkpoint after epoch 1"
             time.sleep(0.2)
             snapshots = list((tmp_path / "wd" / "ray").glob("*/checkpoint_manager_snapshot.json"))
-        os.killpg(p.pid, signal.SIGINT)
+        children = psutil.Process(p.pid).children(recursive=True)     # the local Ray it started
+        assert children
+        if how == "ctrl-c":
+            os.killpg(p.pid, signal.SIGINT)
+        else:
+            os.kill(p.pid, signal.SIGTERM)
         out, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
     assert p.returncode == 130, err
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left running: {[c.pid for c in alive]}"
     assert "Traceback" not in err and err.strip().count("\n") == 0, err
     assert "Resume it with: genseg train seg" in err
     resume = shlex.split(err.split("Resume it with: ", 1)[1])
     run_name = resume[resume.index("--run-name") + 1]
     assert resume[1:resume.index("--run-name")] == argv                # the same command, plus its run name
 
+    if how == "sigterm":
+        return                                                           # resuming is the same as after Ctrl-C
     done = subprocess.run([sys.executable, "-m", "jobs.cli", *resume[1:]], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr

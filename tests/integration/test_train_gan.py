@@ -89,3 +89,5 @@ def test_train_resume_register_sample_and_eval(ray_cluster, tmp_path, capsys):
     model = mlflow.pyfunc.load_model("models:/genseg-gan@champion")
     images = model.predict(np.zeros((2, 16, 24), np.int64), params={"seed": 1})
     assert images.shape == (2, 16, 24, 3) and images.dtype == np.uint8
+    truncated = model.predict(np.zeros((2, 16, 24), np.int64), params={"seed": 1, "truncation": 0.5})
+    assert truncated.shape == images.shape and not np.array_equal(truncated, images)

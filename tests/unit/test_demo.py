@@ -19,7 +19,7 @@ class FakeCLI:
     """Records every ``cli.main(argv)`` and writes what the real command would write."""
 
     def __init__(self, fail=None):
-        self.calls, self.fail, self.versions = [], fail, {"seg": 0, "diffusion": 0}
+        self.calls, self.fail, self.versions = [], fail, {"seg": 0, "diffusion": 0, "gan": 0}
 
     def __call__(self, argv):
         argv = [a for a in argv if a != "-v"]
@@ -38,9 +38,10 @@ class FakeCLI:
         elif cmd.startswith("train"):
             task = argv[1]
             self.versions[task] += 1
-            name = {"seg": "genseg-segmenter", "diffusion": "genseg-diffusion"}[task]
+            name = {"seg": "genseg-segmenter", "diffusion": "genseg-diffusion", "gan": "genseg-gan"}[task]
+            score = {"seg": "val_miou", "diffusion": "val_x0_mse", "gan": "val_fd_rand"}[task]
             Path(_opt(argv, "--json")).write_text(json.dumps({
-                "best_score": 0.5, "best_epoch": 3, "score": "val_miou" if task == "seg" else "val_x0_mse",
+                "best_score": 0.5, "best_epoch": 3, "score": score,
                 "best_checkpoint": f"/runs/{_opt(argv, '--run-name')}/best", "mlflow_run_id": "r",
                 "registered": {"name": name, "version": self.versions[task], "champion": True}}))
         elif cmd == "eval seg":
@@ -54,7 +55,7 @@ class FakeCLI:
         elif cmd == "sample":
             out = Path(_opt(argv, "--out"))
             out.mkdir(parents=True, exist_ok=True)
-            (out / "samples.json").write_text(json.dumps({"grid": str(out / "grid.png")}))
+            (out / "samples.json").write_text(json.dumps({"grid": str(out / "grid.png"), "seconds_per_image": 0.002}))
         return 0
 
 
@@ -81,7 +82,7 @@ def test_default_size_scores_samples_with_a_segmenter_trained_at_their_resolutio
     assert demo.run(_rt(tmp_path), epochs=6, num=240, size=(64, 96), diffusion_epochs=12) == 0
     cmds = [c for c, _ in fake_cli.calls]
     assert cmds == ["prepare", "train seg", "eval seg", "prepare", "train seg", "train diffusion", "sample",
-                    "eval gen"]
+                    "eval gen", "train gan", "sample", "eval gen"]
     calls = [argv for _, argv in fake_cli.calls]
     small = calls[3]
     assert _opt(small, "--size") == "32x48" and _opt(small, "--val-fraction") == "0.4"
@@ -96,16 +97,23 @@ def test_default_size_scores_samples_with_a_segmenter_trained_at_their_resolutio
     assert _opt(calls[1], "--workers") == _opt(calls[5], "--workers") == "2"
     for argv in calls:                                        # every step runs in the user's workdir
         assert _opt(argv, "--workdir") == str(tmp_path)
+    # the GAN learns from the same 32x48 scenes, samples the same label maps and is scored the same way
+    assert _opt(calls[8], "--data") == _opt(small, "--out") and "image_size=32x48" in calls[8]
+    assert _opt(calls[8], "--loss") == "hinge" and _opt(calls[8], "--workers") == "2"
+    assert _opt(calls[9], "--model") == _opt(calls[10], "--model") == "models:/genseg-gan/1"
+    assert _opt(calls[9], "--masks") == _opt(calls[6], "--masks")
+    assert _opt(calls[10], "--segmenter") == "models:/genseg-segmenter/2" and _opt(calls[10], "--num") == "48"
     out = capsys.readouterr().out
     assert "90.0 % of it (n=48)" in out                       # 0.45 / 0.5
     assert "within 2 std of it (unresolved)" in out           # |5.0 - 4.5| < 2 sqrt(2)
-    assert "[8/8]" in out and "done in" in out
+    assert "[11/11]" in out and "done in" in out
 
 
 def test_size_at_the_diffusion_size_uses_one_segmenter(fake_cli, tmp_path):
     assert demo.run(_rt(tmp_path), epochs=2, num=100, size=(32, 48), diffusion_epochs=3) == 0
     cmds = [c for c, _ in fake_cli.calls]
-    assert cmds == ["prepare", "train seg", "eval seg", "train diffusion", "sample", "eval gen"]
+    assert cmds == ["prepare", "train seg", "eval seg", "train diffusion", "sample", "eval gen", "train gan", "sample",
+                    "eval gen"]
     calls = [argv for _, argv in fake_cli.calls]
     assert _opt(calls[0], "--val-fraction") == "0.4"
     assert _opt(calls[5], "--segmenter") == "models:/genseg-segmenter/1"
@@ -133,3 +141,23 @@ def test_generation_story_states_n_spread_floor_and_verdict():
     # a floor measured at another n is shown but not compared
     g["noise_floor"]["n"] = 24
     assert demo.generation_story(g)[1].endswith("real-vs-real floor 6.000 +- 1.000 (n=24)")
+
+
+def test_side_by_side_pairs_label_diffusion_and_gan_samples(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    d, g = tmp_path / "d", tmp_path / "g"
+    d.mkdir()
+    g.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 12, 3), 10 * i, np.uint8)).save(d / f"label_{i:04d}.png")
+        Image.fromarray(np.full((8, 12, 3), 100, np.uint8)).save(d / f"sample_{i:04d}.png")
+        Image.fromarray(np.full((8, 12, 3), 200, np.uint8)).save(g / f"sample_{i:04d}.png")
+    out = demo.side_by_side(d, g, tmp_path / "both.png")
+    pic = np.asarray(Image.open(out))
+    # two columns of (label | diffusion | GAN) rows, 3 x 12 px wide each plus a 4 px gap, upscaled to >= 768
+    factor = pic.shape[1] // (2 * 36 + 4)
+    assert factor >= 10 and pic.shape[1] == factor * (2 * 36 + 4)
+    assert pic[0, 12 * factor + 1, 0] == 100 and pic[0, 24 * factor + 1, 0] == 200      # diffusion, then GAN
+    assert demo.side_by_side(tmp_path / "none", g, tmp_path / "x.png") is None
