@@ -9,6 +9,8 @@
 #     (GradScaler, restored optimizer/scaler/RNG state on the GPU), and a short CPU run;
 #   * trains diffusion with --gpu and AMP fp16 (unscale -> clip, EMA on the GPU, sample grids),
 #     resumes it one epoch with bf16, and a short CPU run;
+#   * trains a WGAN-GP GAN with --gpu and bf16 (both networks and optimizers, the penalty's double
+#     backward on the device), resumes it one epoch in fp32, a short CPU run, and samples it;
 #   * samples with DDIM x20 on the device and on the CPU (genseg sample --device);
 #   * evaluates the segmenter on the device (genseg eval seg --device);
 # and prints training img/s and DDIM s/image for the device next to the CPU.
@@ -89,12 +91,20 @@ genseg "diffusion $DEVICE bf16, resumed" "${DIF[@]}" "${GPU[@]}" --epochs 3 --se
     --json "$WORK/dif-dev-resumed.json"
 genseg "diffusion cpu" "${DIF[@]}" --epochs 1 --run-name dif-cpu --json "$WORK/dif-cpu.json"
 
-for f in seg-dev seg-dev-resumed dif-dev dif-dev-resumed; do
+GAN=(train gan --data "$DATA" --workers 1 --batch-size 16 --loss wgan-gp --set d_steps=2 --set sample_every=1)
+genseg "gan $DEVICE bf16 wgan-gp" "${GAN[@]}" "${GPU[@]}" --epochs 2 --set amp=bf16 --run-name gan-dev \
+    --json "$WORK/gan-dev.json"
+genseg "gan $DEVICE fp32, resumed" "${GAN[@]}" "${GPU[@]}" --epochs 3 --set amp=none --run-name gan-dev \
+    --json "$WORK/gan-dev-resumed.json"
+genseg "gan cpu" "${GAN[@]}" --epochs 1 --run-name gan-cpu --json "$WORK/gan-cpu.json"
+
+for f in seg-dev seg-dev-resumed dif-dev dif-dev-resumed gan-dev gan-dev-resumed; do
     [[ "$(json "$WORK/$f.json" 'd["final_epoch"]')" == "$([[ $f == *resumed ]] && echo 2 || echo 1)" ]] \
         || { echo "gpu_check: $f.json: unexpected final_epoch" >&2; exit 1; }
 done
 [[ "$(json "$WORK/seg-dev-resumed.json" 'd["resumed"]')" == True ]] || { echo "gpu_check: seg did not resume" >&2; exit 1; }
 [[ "$(json "$WORK/dif-dev-resumed.json" 'd["resumed"]')" == True ]] || { echo "gpu_check: diffusion did not resume" >&2; exit 1; }
+[[ "$(json "$WORK/gan-dev-resumed.json" 'd["resumed"]')" == True ]] || { echo "gpu_check: gan did not resume" >&2; exit 1; }
 
 DIF_CKPT="$(json "$WORK/dif-dev-resumed.json" 'd["best_checkpoint"]')"
 SEG_CKPT="$(json "$WORK/seg-dev-resumed.json" 'd["best_checkpoint"]')"
@@ -108,6 +118,8 @@ genseg "sample ddim x20 $DEVICE" "${SAMPLE[@]}" --device "$DEVICE" --out "$WORK/
     ${SAMPLE_JSON[@]:+"${SAMPLE_JSON[@]}" "$WORK/samples-dev.json"}
 genseg "sample ddim x20 cpu" "${SAMPLE[@]}" --device cpu --out "$WORK/samples-cpu" \
     ${SAMPLE_JSON[@]:+"${SAMPLE_JSON[@]}" "$WORK/samples-cpu.json"}
+GAN_CKPT="$(json "$WORK/gan-dev-resumed.json" 'd["best_checkpoint"]')"
+genseg "sample gan $DEVICE" sample --model "$GAN_CKPT" --num 16 --masks "$DATA" --device "$DEVICE" --out "$WORK/gan-samples"
 genseg "eval seg $DEVICE" eval seg --model "$SEG_CKPT" --data "$DATA" --device "$DEVICE" --json "$WORK/eval-dev.json"
 
 "$PY" - "$WORK" "$DEVICE" "$(sample_json samples-dev)" "$(sample_json samples-cpu)" <<'EOF'
@@ -129,6 +141,8 @@ rows = [
     ("seg train img/s, fp16 (resumed)", speed("seg-dev-resumed"), speed("seg-cpu"), True),
     ("diffusion train img/s, fp16", speed("dif-dev"), speed("dif-cpu"), True),
     ("diffusion train img/s, bf16 (resumed)", speed("dif-dev-resumed"), speed("dif-cpu"), True),
+    ("gan train img/s, bf16, wgan-gp", speed("gan-dev"), speed("gan-cpu"), True),
+    ("gan train img/s, fp32 (resumed)", speed("gan-dev-resumed"), speed("gan-cpu"), True),
     ("DDIM x20 s/image", per_image(sample_dev), per_image(sample_cpu), False),
 ]
 ev = load(work / "eval-dev.json")

@@ -51,14 +51,17 @@ def _steps(text: str) -> int:
     return v
 
 
-def _guidance(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"guidance must be a finite number >= 0, got {text!r}")
-    return v
+def _finite_nonneg(name: str):
+    """An argparse type: a finite float >= 0, the error naming ``name``."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(v) or v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text!r}")
+        return v
+    return parse
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -69,21 +72,11 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (default: the model's own settings)")
     g.add_argument("--sampler", choices=SAMPLER_NAMES, help="ddpm (T steps), ddim or dpmpp")
     g.add_argument("--steps", type=_steps, help="number of sampling steps")
-    g.add_argument("--guidance", type=_guidance, help="classifier-free guidance weight w "
+    g.add_argument("--guidance", type=_finite_nonneg("guidance"), help="classifier-free guidance weight w "
                    "(0 = unconditional, 1 = plain conditional, > 1 stronger)")
-    g.add_argument("--truncation", type=_truncation, help="GAN only: redraw latent components beyond "
+    g.add_argument("--truncation", type=_finite_nonneg("truncation"), help="GAN only: redraw latent components beyond "
                    "+-T (the truncation trick; 0 = off)")
     g.add_argument("--seed", type=int, default=0)
-
-
-def _truncation(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"truncation must be a number, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"truncation must be a finite number >= 0, got {text!r}")
-    return v
 
 
 def _sampling(args) -> dict:

@@ -254,6 +254,34 @@ def train_names(data_dir: Path) -> list[str]:
     return names
 
 
+def fill_from_manifest(manifest: dict, base: Any, data_dir: Path) -> Any:
+    """A generative model's config completed from the shards: class count, ignore index and, unless
+    set, the image size (one size is required then).  The config's own checks (e.g. a GAN's size
+    must halve cleanly) run on the result."""
+    over = {"num_classes": manifest["num_classes"], "ignore_index": manifest["ignore_index"]}
+    if base.image_size is None:
+        if manifest.get("size") is None:
+            raise config_lib.ConfigError(f"{data_dir} holds images of several sizes; set --set image_size=HxW")
+        over["image_size"] = tuple(manifest["size"])
+    return config_lib.replace(base, over)
+
+
+def fit(task: Task, data: str, cfg: Any, rt, build_config: Callable[[dict, Any, Path], Any] = fill_from_manifest,
+        *, workers: int = 2, run_name: str | None = None, **kw) -> dict:
+    """Shards -> completed config -> :func:`run`, for a task whose loop needs only the standard
+    runtime (steps per epoch and the train split's row names)."""
+    from genseg.data.shards import read_manifest
+
+    data_dir = Path(data).resolve()
+    manifest = read_manifest(data_dir)
+    check_splits(data_dir, manifest)
+    cfg = build_config(manifest, cfg, data_dir)
+    steps = steps_per_epoch(manifest["splits"]["train"]["count"], workers, cfg.batch_size)
+    runtime = {"steps_per_epoch": steps, "train_names": train_names(data_dir)}
+    return run(task, data_dir, manifest, cfg, rt, runtime, workers=workers,
+               run_name=run_name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}", **kw)
+
+
 def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict, *, workers: int = 2,
         gpu: bool = False, run_name: str | None = None, max_failures: int = 0, cpus_per_worker: float = 1.0,
         register: bool = True, promote: bool = False, log=print) -> dict:

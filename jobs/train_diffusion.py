@@ -8,19 +8,16 @@ compares models across schedules, T and prediction types; the raw val loss does 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 
-from genseg import config as config_lib
 from genseg import engine
 from genseg import rng as rng_lib
 from genseg.config import DiffusionConfig
 from genseg.data.classes import colorize
-from genseg.data.shards import read_manifest
 from genseg.diffusion.conditioning import encode_labels
 from genseg.diffusion.data import diffusion_batch
 from genseg.diffusion.ema import EMA
@@ -129,14 +126,7 @@ def _sample_grid(model, val_shard, cfg, noise, size, palette, device, n: int = 4
     return stack_rows(rows)
 
 
-def build_config(manifest: dict, base: DiffusionConfig, data_dir: Path) -> DiffusionConfig:
-    over = {"num_classes": manifest["num_classes"], "ignore_index": manifest["ignore_index"]}
-    if base.image_size is None:
-        if manifest.get("size") is None:
-            raise config_lib.ConfigError(f"{data_dir} holds images of several sizes; set --set image_size=HxW")
-        over["image_size"] = tuple(manifest["size"])
-    return config_lib.replace(base, over)
-
+build_config = runner.fill_from_manifest
 
 TASK = runner.Task(name="diffusion", experiment="genseg-diffusion", model_name="genseg-diffusion",
                    score="val_x0_mse", higher_is_better=False, loop=train_loop,
@@ -144,16 +134,6 @@ TASK = runner.Task(name="diffusion", experiment="genseg-diffusion", model_name="
                                  "timesteps"))
 
 
-def run(data: str, cfg: DiffusionConfig, rt, *, workers: int = 2, gpu: bool = False, run_name: str | None = None,
-        max_failures: int = 0, cpus_per_worker: float = 1.0, register: bool = True, promote: bool = False,
-        log=print) -> dict:
-    data_dir = Path(data).resolve()
-    manifest = read_manifest(data_dir)
-    runner.check_splits(data_dir, manifest)
-    cfg = build_config(manifest, cfg, data_dir)
-    steps = runner.steps_per_epoch(manifest["splits"]["train"]["count"], workers, cfg.batch_size)
-    runtime = {"steps_per_epoch": steps, "train_names": runner.train_names(data_dir)}
-    return runner.run(TASK, data_dir, manifest, cfg, rt, runtime,
-                      workers=workers, gpu=gpu, run_name=run_name or f"diffusion-{time.strftime('%Y%m%d-%H%M%S')}",
-                      max_failures=max_failures, cpus_per_worker=cpus_per_worker, register=register,
-                      promote=promote, log=log)
+def run(data: str, cfg: DiffusionConfig, rt, **kw) -> dict:
+    """Train on the shards in ``data`` (see :func:`jobs.runner.run` for the keyword arguments)."""
+    return runner.fit(TASK, data, cfg, rt, build_config, **kw)

@@ -15,19 +15,16 @@ recall and coverage falling.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 
-from genseg import config as config_lib
 from genseg import engine
 from genseg import rng as rng_lib
 from genseg.config import GANConfig
 from genseg.data.classes import colorize
-from genseg.data.shards import read_manifest
 from genseg.diffusion.data import diffusion_batch
 from genseg.diffusion.ema import EMA
 from genseg.diffusion.sampling import to_uint8
@@ -148,14 +145,7 @@ class Scorer:
         return stack_rows([np.concatenate(list(imgs), axis=1)])
 
 
-def build_config(manifest: dict, base: GANConfig, data_dir: Path) -> GANConfig:
-    over = {"num_classes": manifest["num_classes"], "ignore_index": manifest["ignore_index"]}
-    if base.image_size is None:
-        if manifest.get("size") is None:
-            raise config_lib.ConfigError(f"{data_dir} holds images of several sizes; set --set image_size=HxW")
-        over["image_size"] = tuple(manifest["size"])
-    return config_lib.replace(base, over)
-
+build_config = runner.fill_from_manifest
 
 TASK = runner.Task(name="gan", experiment="genseg-gan", model_name="genseg-gan",
                    score="val_fd_rand", higher_is_better=False, loop=train_loop,
@@ -163,16 +153,6 @@ TASK = runner.Task(name="gan", experiment="genseg-gan", model_name="genseg-gan",
                                  "max_channels", "spectral_norm"))
 
 
-def run(data: str, cfg: GANConfig, rt, *, workers: int = 2, gpu: bool = False, run_name: str | None = None,
-        max_failures: int = 0, cpus_per_worker: float = 1.0, register: bool = True, promote: bool = False,
-        log=print) -> dict:
-    data_dir = Path(data).resolve()
-    manifest = read_manifest(data_dir)
-    runner.check_splits(data_dir, manifest)
-    cfg = build_config(manifest, cfg, data_dir)
-    steps = runner.steps_per_epoch(manifest["splits"]["train"]["count"], workers, cfg.batch_size)
-    runtime = {"steps_per_epoch": steps, "train_names": runner.train_names(data_dir)}
-    return runner.run(TASK, data_dir, manifest, cfg, rt, runtime,
-                      workers=workers, gpu=gpu, run_name=run_name or f"gan-{time.strftime('%Y%m%d-%H%M%S')}",
-                      max_failures=max_failures, cpus_per_worker=cpus_per_worker, register=register,
-                      promote=promote, log=log)
+def run(data: str, cfg: GANConfig, rt, **kw) -> dict:
+    """Train on the shards in ``data`` (see :func:`jobs.runner.run` for the keyword arguments)."""
+    return runner.fit(TASK, data, cfg, rt, build_config, **kw)
