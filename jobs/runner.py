@@ -40,6 +40,9 @@ class Task:
     higher_is_better: bool
     loop: Callable[[dict], None]
     model_fields: tuple[str, ...]   # config fields that must match to resume a run
+    # what the score was computed on, for the champion rule (default: the whole val split); two
+    # versions compete only when this matches, e.g. a GAN's score on the first N val images
+    scored_on: Callable[[Any], str] | None = None
 
 
 # ------------------------------------------------------------------ worker side
@@ -355,7 +358,8 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     done_epoch = client.get_run(run_id).data.tags.get("genseg.registered_epoch")
     if register and done_epoch != str(final_epoch):
         summary["registered"] = register_best(task, run_id, out / "best", best_metrics, data_dir, rt.tracking_uri,
-                                              promote=promote)
+                                              promote=promote,
+                                              scored_on=task.scored_on(cfg) if task.scored_on else "val")
         client.set_tag(run_id, "genseg.registered_epoch", str(final_epoch))
     client.set_terminated(run_id, status="FINISHED")
     return summary
@@ -377,7 +381,7 @@ def register_best(task: Task, run_id: str, best_dir: Path, best_metrics: dict, d
     with tempfile.TemporaryDirectory() as tmp:
         tracking.save_pyfunc(best_dir, Path(tmp) / "model", kind)
         client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
-    digest, desc = fingerprint(data_dir, scored_on)
+    digest, desc = fingerprint(data_dir, "val")
     client.set_tag(run_id, tracking.DATA_TAG, digest)
     value = best_metrics.get(task.score)
     score = tracking.Score(task.score, None if value is None else float(value), task.higher_is_better)

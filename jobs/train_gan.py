@@ -150,7 +150,9 @@ build_config = runner.fill_from_manifest
 TASK = runner.Task(name="gan", experiment="genseg-gan", model_name="genseg-gan",
                    score="val_fd_rand", higher_is_better=False, loop=train_loop,
                    model_fields=("cond", "num_classes", "image_size", "z_dim", "g_channels", "d_channels",
-                                 "max_channels", "spectral_norm"))
+                                 "max_channels", "spectral_norm"),
+                   # FD is biased by n: scores on another number of val images do not compare
+                   scored_on=lambda cfg: f"val (first {cfg.score_images} images)")
 
 
 def run(data: str, cfg: GANConfig, rt, **kw) -> dict:

@@ -38,6 +38,7 @@ def test_train_resume_register_sample_and_eval(ray_cluster, tmp_path, capsys):
     assert len(client.list_artifacts(run_id, "samples")) == 2
     champ = client.get_model_version_by_alias("genseg-gan", "champion")
     assert float(champ.tags["val_fd_rand"]) == pytest.approx(summary["best_score"], abs=1e-5)
+    assert champ.tags["genseg.scored_on"] == "val (first 128 images)"       # FD at another n would not compare
     fds = [m.value for m in client.get_metric_history(run_id, "val_fd_rand")]
     assert summary["best_score"] == pytest.approx(min(fds), abs=1e-6)
 
