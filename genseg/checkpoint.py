@@ -286,7 +286,7 @@ def build_model(ckpt: Checkpoint, weights: str = "model") -> torch.nn.Module:
     from genseg.models import build_segmenter
     from genseg.models.unet import build_diffusion_model
 
-    from genseg.gan.models import build_generator
+    from genseg.models.dcgan import build_generator
 
     builders = {"SegConfig": build_segmenter, "DiffusionConfig": build_diffusion_model, "GANConfig": build_generator}
     name = type(ckpt.config).__name__

@@ -29,7 +29,7 @@ from genseg.diffusion.data import diffusion_batch
 from genseg.diffusion.ema import EMA
 from genseg.diffusion.sampling import to_uint8
 from genseg.gan.generator import draw_z
-from genseg.gan.models import build_discriminator, build_generator, label_condition
+from genseg.models.dcgan import build_discriminator, build_generator, label_condition
 from genseg.gan.training import make_optimizers, train_step
 from genseg.metrics import generation as gm
 from genseg.viz import stack_rows

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from genseg.diffusion.sampling import from_uint8, to_uint8
-from genseg.gan.models import label_condition
+from genseg.models.dcgan import label_condition
 from genseg.generation import OneShotSettings, SamplingError, check_condition
 
 INVERSION_STEPS = 200

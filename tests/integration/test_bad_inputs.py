@@ -117,7 +117,7 @@ def diffusion_checkpoint(d: Path, cond: str = "mask") -> Path:
 def gan_checkpoint(d: Path) -> Path:
     from genseg import checkpoint as ck
     from genseg.config import GANConfig
-    from genseg.gan.models import build_generator
+    from genseg.models.dcgan import build_generator
 
     cfg = GANConfig(num_classes=SYNTHETIC.num_classes, image_size=(16, 24), g_channels=8, d_channels=8, z_dim=8)
     return ck.save(d / "gan", build_generator(cfg), cfg, epoch=0, classes=SYNTHETIC.to_dict())

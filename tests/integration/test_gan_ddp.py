@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, port: int, loss: str, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from genseg.config import GANConfig
-    from genseg.gan.models import build_discriminator, build_generator, label_condition
+    from genseg.models.dcgan import build_discriminator, build_generator, label_condition
     from genseg.gan.training import train_step
 
     cfg = GANConfig(image_size=(16, 24), num_classes=3, g_channels=8, d_channels=8, z_dim=8, loss=loss,
@@ -75,9 +75,9 @@ def test_gan_step_under_ddp_equals_hand_averaged_gradients(tmp_path, loss):
         assert torch.allclose(v, r0["ref"][k], atol=1e-5, rtol=1e-4), f"{k}: DDP step != hand-averaged step"
     # and training moved the weights at all (the comparison is not between two untouched copies)
     from genseg.config import GANConfig
-    from genseg.gan.models import build_discriminator
+    from genseg.models.dcgan import build_discriminator
 
-    from genseg.gan.models import build_generator
+    from genseg.models.dcgan import build_generator
 
     torch.manual_seed(0)
     cfg = GANConfig(image_size=(16, 24), num_classes=3, g_channels=8, d_channels=8, z_dim=8, loss=loss)

@@ -12,7 +12,7 @@ from genseg.config import ConfigError, GANConfig, gan_stages
 from genseg.diffusion.ema import EMA
 from genseg.gan.generator import GANGenerator, draw_z
 from genseg.gan.losses import d_loss, g_loss, gradient_penalty, r1_penalty
-from genseg.gan.models import build_discriminator, build_generator, label_condition
+from genseg.models.dcgan import build_discriminator, build_generator, label_condition
 from genseg.gan.training import make_optimizers, train_step
 from genseg.generation import Generator, SamplingError
 from genseg.loading import WrongModelKind, load
