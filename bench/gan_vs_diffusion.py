@@ -40,6 +40,19 @@ def run_figures(client, run_id: str, names: tuple[str, ...]) -> dict:
     return out
 
 
+def run_id_of(client, ref, experiment: str) -> str | None:
+    """The MLflow run of a resolved REF: its own run id, else (a checkpoint directory
+    ``.../runs/<run name>/best``) the run of that name in ``experiment``."""
+    if ref.run_id:
+        return ref.run_id
+    exp = client.get_experiment_by_name(experiment)
+    name = Path(ref.path).resolve().parent.name
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'")
+    return runs[0].info.run_id if runs else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -88,7 +101,7 @@ def main() -> None:
     diffusion_run = None
     if args.diffusion:
         dref = tracking.resolve(args.diffusion, rt.tracking_uri, dst=f"{tmp}/d")
-        diffusion_run = dref.run_id
+        diffusion_run = run_id_of(client, dref, "genseg-diffusion")
     dfig = run_figures(client, diffusion_run, ("train_loss", "val_x0_mse")) if diffusion_run else None
     for r in table["rows"]:
         rows.append({"model": f"diffusion {r['sampler']} x{r['steps']}", "family": "diffusion", "fd": r["fd"],
@@ -110,7 +123,7 @@ def main() -> None:
         ci = None
         if ddpm_spec and "real" in feats and torch.equal(feats["real"], f["real"]):
             ci = fd_ratio_interval(f["real"], f["fake"], feats[ddpm_spec])
-        run_id = gref.run_id or (gan.meta or {}).get("mlflow_run_id")
+        run_id = run_id_of(client, gref, "genseg-gan")
         fig = run_figures(client, run_id, ("d_loss", "g_loss", "d_real", "d_fake", "val_fd_rand", "rand_coverage")) \
             if run_id else None
         curves[f"gan {name}"] = fig
@@ -138,11 +151,12 @@ def main() -> None:
 
     gan_curves = {k: v for k, v in curves.items() if k.startswith("gan") and v}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
-    for name, c in gan_curves.items():
-        axes[0].plot([s + 1 for s, _ in c["d_loss"]], [v for _, v in c["d_loss"]], label=f"{name} D")
-        axes[0].plot([s + 1 for s, _ in c["g_loss"]], [v for _, v in c["g_loss"]], "--", label=f"{name} G")
-        axes[1].plot([s + 1 for s, _ in c["val_fd_rand"]], [v for _, v in c["val_fd_rand"]], label=name)
-        axes[2].plot([s + 1 for s, _ in c["rand_coverage"]], [v for _, v in c["rand_coverage"]], label=name)
+    for i, (name, c) in enumerate(gan_curves.items()):
+        col = f"C{i}"                      # one colour per GAN: D solid, G dashed
+        axes[0].plot([s + 1 for s, _ in c["d_loss"]], [v for _, v in c["d_loss"]], color=col, label=f"{name} D")
+        axes[0].plot([s + 1 for s, _ in c["g_loss"]], [v for _, v in c["g_loss"]], "--", color=col, label=f"{name} G")
+        axes[1].plot([s + 1 for s, _ in c["val_fd_rand"]], [v for _, v in c["val_fd_rand"]], color=col, label=name)
+        axes[2].plot([s + 1 for s, _ in c["rand_coverage"]], [v for _, v in c["rand_coverage"]], color=col, label=name)
     axes[0].set_title("GAN losses (D solid, G dashed)")
     axes[1].set_title("val FD in random features (lower better)")
     axes[2].set_title("val coverage in random features")

@@ -101,15 +101,16 @@ class Scorer:
     those real val images, in a fixed random feature space (see the module docstring)."""
 
     def __init__(self, val_shard, cfg: GANConfig, device: torch.device, seed: int = 1234):
-        xs, ms, n = [], [], 0
+        # the first ``score_images`` val rows BY NAME: Ray Data's read order can differ between runs,
+        # and a score on other images would not compare across runs
+        names, xs, ms = [], [], []
         for batch in val_shard.iter_batches(batch_size=64, batch_format="numpy"):
             x, m = diffusion_batch(batch, tuple(cfg.image_size), False, None)
+            names += [str(n) for n in batch["name"]]
             xs.append(x)
             ms.append(m)
-            n += len(x)
-            if n >= cfg.score_images:
-                break
-        self.real, self.masks = torch.cat(xs)[: cfg.score_images], torch.cat(ms)[: cfg.score_images]
+        keep = torch.tensor(sorted(range(len(names)), key=names.__getitem__)[: cfg.score_images])
+        self.real, self.masks = torch.cat(xs)[keep], torch.cat(ms)[keep]
         self.cfg, self.device = cfg, device
         self.features = gm.RandomFeatures(seed=0).to(device)
         self.z = draw_z(len(self.real), cfg.z_dim, torch.Generator().manual_seed(seed))

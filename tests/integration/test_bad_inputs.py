@@ -411,7 +411,7 @@ def test_ctrl_c_during_train_says_how_to_resume(tmp_path, how):
         if p.poll() is None:
             p.kill()
     assert p.returncode == 130, err
-    _, alive = psutil.wait_procs(children, timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=90)
     assert not alive, f"left running: {[c.pid for c in alive]}"
     assert "Traceback" not in err and err.strip().count("\n") == 0, err
     assert "Resume it with: genseg train seg" in err
