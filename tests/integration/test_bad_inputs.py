@@ -62,6 +62,15 @@ def write_shards(d: Path, splits: dict[str, int] | None = None, size=(16, 24), i
     return d
 
 
+def as_in_a_terminal() -> None:
+    """``preexec_fn``: SIGINT at its default, as for a command typed in a terminal.  A test run
+    started in the background of a script (``make test &``, some CI runners) inherits SIGINT
+    ignored, and Python then never turns a Ctrl-C into KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def truncate_first(d: Path, split: str) -> Path:
     f = sorted((d / split).glob("*.parquet"))[0]
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -389,7 +398,7 @@ def test_ctrl_c_during_train_says_how_to_resume(tmp_path, how):
     argv = ["train", "seg", "--data", str(data), "--workers", "1", "--epochs", "2", "--batch-size", "2", "--set",
             "width=8", "--workdir", str(tmp_path / "wd")]
     p = subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=as_in_a_terminal)
     try:
         for line in p.stdout:
             if line.startswith("epoch 1/2"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from test_bad_inputs import write_shards
+from test_bad_inputs import as_in_a_terminal, write_shards
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def _env(**extra) -> dict:
 
 def genseg(*argv: str, env: dict | None = None, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], cwd=ROOT, env=env or _env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal, **kw)
 
 
 def finish(p: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
