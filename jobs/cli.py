@@ -207,11 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(p)
 
     p = sub.add_parser("demo", help="synthetic data -> segmentation, diffusion and GAN training -> eval -> samples")
-    p.add_argument("--epochs", type=int, default=6, help="segmentation epochs")
-    p.add_argument("--diffusion-epochs", type=int, default=12)
-    p.add_argument("--gan-epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=8, help="segmentation epochs")
+    p.add_argument("--diffusion-epochs", type=int, default=10)
+    p.add_argument("--gan-epochs", type=int, default=10)
     p.add_argument("--num", type=int, default=240)
-    p.add_argument("--size", type=_size, default=(64, 96))
+    p.add_argument("--size", type=_size, default=(32, 48),
+                   help="scene size; above 32x48 the generative models still work at 32x48 and a second "
+                        "segmenter is trained there to score them")
     _runtime_flags(p)
     return parser
 
