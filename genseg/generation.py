@@ -135,6 +135,16 @@ class Generator(Protocol):
         ...
 
 
+def labels_at(condition: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Label maps ``(N, h, w)`` as int64 at the model's ``size`` (NEAREST: no invented classes)."""
+    labels = condition.long()
+    if tuple(labels.shape[-2:]) != tuple(size):
+        import torch.nn.functional as F
+
+        labels = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+    return labels
+
+
 def check_condition(gen: Generator, condition: torch.Tensor | None, n: int) -> None:
     """One clear error for a condition the model cannot take."""
     if condition is None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from genseg.diffusion.conditioning import encode_labels, null_condition
 from genseg.diffusion.inpaint import inpaint as repaint
 from genseg.diffusion.sampling import from_uint8, sample, to_uint8
 from genseg.diffusion.schedules import make_train_scheduler
-from genseg.generation import SamplingError, SamplingSettings, check_condition
+from genseg.generation import SamplingError, SamplingSettings, check_condition, labels_at
 
 
 class DiffusionGenerator:
@@ -43,9 +42,7 @@ class DiffusionGenerator:
             return None, False
         if condition is None:   # the unconditional branch, trained through condition dropout
             return null_condition(torch.zeros(n, self.num_classes + 1, *self.image_size)), False
-        labels = condition.long()
-        if tuple(labels.shape[-2:]) != self.image_size:
-            labels = F.interpolate(labels[:, None].float(), size=self.image_size, mode="nearest")[:, 0].long()
+        labels = labels_at(condition, self.image_size)
         return encode_labels(labels, self.num_classes, self.ignore_index), True
 
     # ------------------------------------------------------------------ the interface

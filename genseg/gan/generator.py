@@ -9,11 +9,10 @@ with that image; known pixels come back unchanged.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from genseg.diffusion.sampling import from_uint8, to_uint8
 from genseg.models.dcgan import label_condition
-from genseg.generation import OneShotSettings, SamplingError, check_condition
+from genseg.generation import OneShotSettings, SamplingError, check_condition, labels_at
 
 INVERSION_STEPS = 200
 INVERSION_LR = 0.05
@@ -60,9 +59,7 @@ class GANGenerator:
         if condition is None:
             raise SamplingError("this GAN is conditioned on label maps (cond=mask) and has no unconditional "
                                 "mode; give label maps (--masks)")
-        labels = condition.long()
-        if tuple(labels.shape[-2:]) != self.image_size:
-            labels = F.interpolate(labels[:, None].float(), size=self.image_size, mode="nearest")[:, 0].long()
+        labels = labels_at(condition, self.image_size)
         return label_condition(labels, self.config)
 
     @torch.no_grad()
