@@ -300,3 +300,29 @@ def build_model(ckpt: Checkpoint, weights: str = "model") -> torch.nn.Module:
             raise CheckpointError(f"{ckpt.path} has no {weights} weights")
     model.load_state_dict(state)
     return model.eval()
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """One SHA-256 over the checkpoint's weight files (``model`` and extras such as ``ema``), from
+    the digests its config.json records: two checkpoints with the same weights agree, whatever
+    their metadata (e.g. sampling settings stored by tuning)."""
+    path = _resolve(Path(path))
+    doc = _doc_or_none(path) or {}
+    files = doc.get("files") or {}
+    names = sorted(n for n in files if n.endswith(".safetensors"))
+    h = hashlib.sha256()
+    for n in names or [WEIGHTS_FILE]:
+        h.update(n.encode())
+        h.update((files[n]["sha256"] if n in files else _sha256(path / n)).encode())
+    return h.hexdigest()
+
+
+def copy_with_meta(src: str | os.PathLike, dst: str | os.PathLike, **meta) -> Path:
+    """A copy of checkpoint ``src`` at ``dst`` whose ``meta`` has the given keys set (weights and
+    their digests unchanged; config.json is not among the digested files)."""
+    src, dst = _resolve(Path(src)), Path(dst)
+    doc, _ = _read_doc(src)
+    doc["meta"] = {**(doc.get("meta") or {}), **meta}
+    shutil.copytree(src, dst)
+    (dst / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default))
+    return dst

@@ -23,6 +23,7 @@ SCORE_TAG = "genseg.score"
 DATA_TAG = "genseg.data_fingerprint"
 SPLIT_TAG = "genseg.scored_on"
 SAMPLING_TAG = "genseg.sampling"
+WEIGHTS_TAG = "genseg.weights_sha256"
 PYFUNC_CHECKPOINT = "checkpoint"      # the artifact name of the checkpoint inside a pyfunc model
 
 
@@ -227,12 +228,14 @@ class Score:
 
 
 def decide_champion(new: Score, new_data: str, new_split: str, current: dict | None,
-                    promote: bool = False) -> tuple[bool, str]:
+                    promote: bool = False, new_weights: str | None = None) -> tuple[bool, str]:
     """The champion rule -> (take the alias?, why).  ``current`` is the champion's tags or None.
 
     * a NaN, infinite or missing score never takes the alias, not even with ``promote``;
     * a version competes only with a champion scored on the same data (fingerprint), split and
       score; otherwise the champion is kept, and ``promote`` overrides;
+    * a version with the champion's very weights (``new_weights``, the digest of its weight
+      files) replaces it: it differs only in what was stored with it, e.g. tuned sampling settings;
     * on the same footing the better score wins; a tie keeps the champion."""
     if not new.valid:
         return False, f"its {new.name} is {new.value!r}, not a finite number: it never takes the alias"
@@ -251,6 +254,8 @@ def decide_champion(new: Score, new_data: str, new_split: str, current: dict | N
     if cur_data != new_data or cur_split != new_split:
         return False, (f"the champion was scored on other data ({cur_split} of data {cur_data[:12]}, this "
                        f"version on {new_split} of data {new_data[:12]}); pass --promote to replace it")
+    if new_weights is not None and current.get(WEIGHTS_TAG) == new_weights:
+        return True, "it holds the champion's own weights (with newer settings stored with them, e.g. tuned sampling)"
     try:
         cur = float(current.get(SCORE_TAG, "nan"))
     except ValueError:
@@ -265,7 +270,8 @@ def decide_champion(new: Score, new_data: str, new_split: str, current: dict | N
 
 def register(run_id: str, artifact_path: str, model_name: str, score: Score, *, data_fingerprint: str,
              scored_on: str, data_desc: str = "", promote: bool = False, sampling: dict | None = None,
-             tracking_uri: str | None = None) -> dict:
+             tracking_uri: str | None = None, weights_digest: str | None = None,
+             extra_tags: dict | None = None) -> dict:
     """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``model_name`` with its score,
     data fingerprint and sampling settings as tags; give it the ``champion`` alias by
     :func:`decide_champion`.  Returns what happened and why."""
@@ -285,6 +291,9 @@ def register(run_id: str, artifact_path: str, model_name: str, score: Score, *, 
         tags[score.name] = f"{score.value:.6f}"
     if sampling:
         tags[SAMPLING_TAG] = json.dumps(sampling, sort_keys=True)
+    if weights_digest:
+        tags[WEIGHTS_TAG] = weights_digest
+    tags.update(extra_tags or {})
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags)
     try:
@@ -292,7 +301,7 @@ def register(run_id: str, artifact_path: str, model_name: str, score: Score, *, 
     except MlflowException:
         current = None
     take, why = decide_champion(score, data_fingerprint, scored_on,
-                                None if current is None else dict(current.tags or {}), promote)
+                                None if current is None else dict(current.tags or {}), promote, weights_digest)
     if take:
         client.set_registered_model_alias(model_name, CHAMPION, mv.version)
     prev_score = None

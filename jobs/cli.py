@@ -206,6 +206,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     _runtime_flags(p)
 
+    p = sub.add_parser("tune", help="search training recipes or sampling settings on Ray Tune; register the winner")
+    p.add_argument("task", choices=("diffusion", "seg"))
+    p.add_argument("--data", required=True, help="shard directory from `genseg prepare`")
+    p.add_argument("--stage", choices=("all", "schedule", "sampling"), default="all",
+                   help="diffusion: the schedule search (training), the sampling search (no training), or both")
+    p.add_argument("--space", help="YAML file of search spaces by stage (schedule, sampling, seg); "
+                                   "a stage it names replaces that stage's default space")
+    p.add_argument("--search", choices=("grid", "random", "tpe"), default="grid",
+                   help="grid: every combination of the listed values; random: --samples random draws; "
+                        "tpe: --samples trials proposed by Optuna's TPE")
+    p.add_argument("--samples", type=_count, default=1, help="grid: repeats of the grid; random/tpe: trials")
+    p.add_argument("--max-concurrent", type=_count,
+                   help="trials at once (default 1 for training searches, 2 for the sampling search)")
+    p.add_argument("--name", help="name of the search; re-use it to resume (finished trials are kept)")
+    p.add_argument("--epochs", type=_count, help="training searches: epochs per trial (ASHA's maximum)")
+    p.add_argument("--config", help="training searches: YAML file of the base config")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="training searches: override a base config field (repeatable)")
+    p.add_argument("--class-weights", help="seg: the base class weighting (none | median-freq | dataset)")
+    p.add_argument("--workers", type=_count, default=1, help="Ray Train workers per training trial")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="sampling trials: CPUs (and torch threads)")
+    p.add_argument("--gpu", action="store_true", help="a GPU per training worker / sampling trial")
+    p.add_argument("--grace-epochs", type=_count, default=1, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--reduction-factor", type=_whole(2), default=2, help="ASHA: keep 1/N of the trials per rung")
+    p.add_argument("--model", help="sampling search alone: the diffusion model to tune "
+                                   "(default models:/genseg-diffusion@champion)")
+    p.add_argument("--segmenter", default="models:/genseg-segmenter@champion",
+                   help="sampling search: the segmenter whose features and mIoU score the samples")
+    p.add_argument("--num", type=_count, default=64, help="sampling search: val label maps per trial")
+    p.add_argument("--split", default="val")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_count, default=16, help="sampling search: images per sampling batch")
+    p.add_argument("--min-fraction", type=float, default=0.9,
+                   help="sampling objective: samples' segmenter mIoU must reach this fraction of the real ceiling")
+    p.add_argument("--promote", action="store_true",
+                   help="make the winner the champion even if the champion was scored on other data")
+    p.add_argument("--json", help="write the search summary (all trials, best config and metrics) here")
+    _runtime_flags(p)
+
     p = sub.add_parser("demo", help="synthetic data -> segmentation, diffusion and GAN training -> eval -> samples")
     p.add_argument("--epochs", type=int, default=8, help="segmentation epochs")
     p.add_argument("--diffusion-epochs", type=int, default=10)
@@ -329,19 +369,19 @@ def cmd_train(args, rt) -> int:
     return 0
 
 
-def _resume_command(args, run_name: str) -> str:
-    """The command line that was run, with ``--run-name`` set to the run it started."""
+def _resume_command(args, run_name: str, flag: str = "--run-name") -> str:
+    """The command line that was run, with ``flag`` (``--run-name``, ``--name``) set to the run it started."""
     import shlex
 
     argv, out, skip = list(getattr(args, "argv", None) or sys.argv[1:]), [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--run-name":
+        elif a == flag:
             skip = True
-        elif not a.startswith("--run-name="):
+        elif not a.startswith(flag + "="):
             out.append(a)
-    return shlex.join(["genseg", *out, "--run-name", run_name])
+    return shlex.join(["genseg", *out, flag, run_name])
 
 
 def _mark_interrupted(experiment: str, run_name: str) -> None:
@@ -449,6 +489,84 @@ def cmd_edit(args, rt) -> int:
     return 0
 
 
+def tune_options(args):
+    """The search as asked, checked before Ray starts: base config, spaces, objective."""
+    from genseg import config as config_lib
+    from genseg.config import DiffusionConfig, SegConfig
+    from genseg.data.shards import read_manifest
+    from genseg.tuning import Objective, load_space_file
+    from jobs import tune
+
+    if args.task == "seg" and args.stage != "all":
+        raise UsageError("--stage applies to `tune diffusion` only (its stages: schedule, sampling)")
+    if args.task == "diffusion" and args.class_weights:
+        raise UsageError("--class-weights applies to `tune seg` only")
+    stages = ("seg",) if args.task == "seg" else (("schedule", "sampling") if args.stage == "all" else (args.stage,))
+    spaces = tune.spaces_for(args.task, load_space_file(args.space) if args.space else None)
+    cls = SegConfig if args.task == "seg" else DiffusionConfig
+    base = config_lib.load_yaml(cls, args.config) if args.config else cls()
+    over = {"epochs": args.epochs} if args.epochs else {}
+    over.update(config_lib.parse_overrides(args.set))
+    base = config_lib.replace(base, over)
+    manifest = read_manifest(args.data)
+    if args.task == "seg":
+        from jobs import train_seg
+
+        base = train_seg.build_config(manifest, base, args.class_weights)
+    else:
+        from jobs import runner
+
+        base = runner.fill_from_manifest(manifest, base, Path(args.data))
+    for stage in stages:
+        if stage in ("schedule", "seg"):
+            tune.check_training_space(spaces[stage], base, stage)
+    if "sampling" in stages and "schedule" in stages:
+        from genseg.generation import SamplingSettings
+
+        # steps must fit every T the schedule search may pick
+        ts = spaces["schedule"].fields.get("timesteps")
+        t_min = min(ts.ends() if hasattr(ts, "ends") else ts) if ts is not None else base.timesteps
+        tune.check_sampling_space(spaces["sampling"], SamplingSettings(base.sampler, base.sample_steps, base.guidance),
+                                  int(t_min))
+    if args.search == "grid":        # a range in a grid is refused before any trial starts
+        for stage in stages:
+            spaces[stage].check_grid()
+    return tune.TuneOptions(
+        data=args.data, name=args.name or "", stages=stages, spaces={s: spaces[s] for s in stages}, base=base,
+        search=args.search, samples=args.samples, max_concurrent=args.max_concurrent, workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker, cpus_per_trial=args.cpus_per_trial, gpu=args.gpu,
+        grace_epochs=args.grace_epochs, reduction_factor=args.reduction_factor, num=args.num, split=args.split,
+        seed=args.seed, batch_size=args.batch_size, model=args.model, segmenter=args.segmenter,
+        class_weights=args.class_weights, objective=Objective(min_fraction=args.min_fraction), promote=args.promote)
+
+
+def cmd_tune(args, rt) -> int:
+    import dataclasses
+
+    from jobs import tune
+    from jobs.runtime import hold_run, init_ray, interruptible, prepare_tracking
+    from pipelines.shards import check_split
+
+    for split in ("train", "val") if args.stage != "sampling" else (args.split,):
+        check_split(args.data, split, need_labels=True)
+    opts = tune_options(args)
+    with hold_run(rt.workdir, args.name, f"tune-{args.task}") as name:
+        opts = dataclasses.replace(opts, name=name)
+        try:
+            prepare_tracking(rt, "genseg-seg" if args.task == "seg" else "genseg-diffusion")
+            init_ray(rt)
+            out = interruptible(tune.run, args.task, opts, rt)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; search '{name}' keeps its finished trials. Continue it with: "
+                              f"{_resume_command(args, name, '--name')}") from None
+    print(tune.format_summary(out))
+    if args.json:
+        slim = {**out, "stages": {k: {kk: vv for kk, vv in v.items() if kk != "table"} for k, v in out["stages"].items()}}
+        Path(args.json).write_text(json.dumps(slim, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_demo(args, rt) -> int:
     from jobs import demo
 
@@ -465,7 +583,7 @@ class Interrupted(Exception):
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "edit": cmd_edit,
-            "demo": cmd_demo}
+            "tune": cmd_tune, "demo": cmd_demo}
 
 
 def _known_errors() -> tuple[type, ...]:
@@ -482,11 +600,11 @@ def _preflight(args, rt) -> None:
     for segmentation scores, at least one labelled pixel)."""
     from pipelines.shards import check_split
 
-    if args.command in ("prepare", "train", "demo") and rt.ray_address not in (None, "auto", "local"):
+    if args.command in ("prepare", "train", "tune", "demo") and rt.ray_address not in (None, "auto", "local"):
         from jobs.runtime import check_reachable
 
         check_reachable(rt.ray_address)
-    elif args.command in ("prepare", "train", "demo") and os.environ.get("GENSEG_DASHBOARD_PORT"):
+    elif args.command in ("prepare", "train", "tune", "demo") and os.environ.get("GENSEG_DASHBOARD_PORT"):
         from jobs.runtime import dashboard_port
 
         dashboard_port()   # a port number, and free (checked again when Ray starts)

@@ -7,6 +7,7 @@ It drives the public CLI (``jobs.cli.main``), the same commands a user types, an
     [-> prepare + train seg again at the diffusion size, the scoring segmenter]
     -> train diffusion (2 workers) -> sample (a grid) -> eval gen (segmenter mIoU of the samples
     against the real-image ceiling, FD against its real-vs-real noise floor)
+    -> tune the guidance weight (Ray Tune, 3 trials) -> train gan -> sample gan -> eval gen gan
 
 Generation is scored by a segmenter trained at the samples' resolution (the evaluation protocol,
 docs/architecture.md).  The generative models work at ``diffusion_size(size)``, 32x48 for the
@@ -46,6 +47,7 @@ GAN = {"g_channels": 16, "d_channels": 16, "z_dim": 32, "sample_every": 1000, "s
        "threads_per_worker": 1}
 GAN_BATCH, GAN_LOSS = 8, "hinge"
 GRID = 8                          # samples in the grid
+TUNE_GUIDANCE = (0.0, 2.0, 4.0)   # the demo's guidance search: 3 trials
 # The scenes the diffusion model learns from hold out 40 % as val: eval gen scores n = val / 2
 # samples, and the real-vs-real noise floor compares the first n val images with the other n, so
 # FD and its floor are measured at the same n (240 scenes: 144 train / 96 val, n = 48).
@@ -176,7 +178,7 @@ def run(rt, epochs: int = 8, num: int = 240, size: tuple[int, int] = (32, 48), d
     verbose = ["-v"] if getattr(rt, "verbose", False) else []
     dsize = diffusion_size(size)
     separate_scorer = tuple(dsize) != tuple(size)
-    total = (8 if separate_scorer else 6) + 3
+    total = (8 if separate_scorer else 6) + 4
     timings: dict[str, float] = {}
     counter = [0]
 
@@ -279,6 +281,22 @@ def run(rt, epochs: int = 8, num: int = 240, size: tuple[int, int] = (32, 48), d
         for line in generation_story(_read(gen_json)):
             print(f"      {line}")
 
+        # 6b. a small guidance-weight search on Ray Tune (no training): the winner is registered with its
+        # sampling settings, which `sample` and `edit` then use by default
+        space = demo_dir / "tune_space.yaml"
+        space.write_text("sampling:\n  guidance: [%s]\n  sampler: [%s]\n  steps: [%d]\n"
+                         % (", ".join(str(w) for w in TUNE_GUIDANCE), SAMPLER, STEPS))
+        tune_json = demo_dir / "tune.json"
+        step("tune guidance",
+             f"Ray Tune: guidance weight w in {list(TUNE_GUIDANCE)} ({SAMPLER} x{STEPS}), {n_gen} samples per trial, "
+             f"scored by FD with a segmenter-mIoU constraint",
+             ["tune", "diffusion", "--stage", "sampling", "--model", diff_ref, "--segmenter", scorer_ref,
+              "--data", str(gen_shards), "--space", str(space), "--num", str(n_gen), "--name", f"demo-tune-{stamp}",
+              "--json", str(tune_json)])
+        tuned = _read(tune_json)
+        say(f"tuned sampling {tuned.get('best_sampling')}; registered as "
+            f"{(tuned.get('registered') or {}).get('name')} version {(tuned.get('registered') or {}).get('version')}")
+
         # 7. a GAN on the same scenes, its samples on the same label maps, scored the same way
         gan_json = demo_dir / "train_gan.json"
         gset = {"image_size": _sizes(dsize), **GAN}
@@ -323,6 +341,7 @@ done in {took:.0f}s ({steps}). What was made:
   diffusion model   {diff.get('best_checkpoint')} ({diff_ref})
   samples           {grid}
   generation scores {gen_json}
+  guidance search   {tune_json} (best {tuned.get('best_sampling')})
   GAN               {gan.get('best_checkpoint')} ({gan_ref}); samples {gan_samples / 'grid.png'}; scores {gan_eval}
   side by side      {both}
 Open the tracking UI with:

@@ -287,8 +287,12 @@ def fit(task: Task, data: str, cfg: Any, rt, build_config: Callable[[dict, Any, 
 
 def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict, *, workers: int = 2,
         gpu: bool = False, run_name: str | None = None, max_failures: int = 0, cpus_per_worker: float = 1.0,
-        register: bool = True, promote: bool = False, log=print) -> dict:
-    """Fit ``task`` and return a summary (run ids, best score, checkpoint paths, registry outcome)."""
+        register: bool = True, promote: bool = False, log=print, callbacks: list | None = None,
+        tags: dict | None = None) -> dict:
+    """Fit ``task`` and return a summary (run ids, best score, checkpoint paths, registry outcome).
+
+    ``callbacks`` are Ray Train user callbacks (a Tune trial passes ``TuneReportCallback``);
+    ``tags`` go on the MLflow run when it is created (a Tune trial names its parent run)."""
     from mlflow.tracking import MlflowClient
 
     from genseg import tracking
@@ -299,7 +303,8 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     tracking.setup(rt.workdir, rt.tracking_uri)
     exp_id = tracking.experiment_id(task.experiment, rt.workdir)
     params = {**config_lib.asdict(cfg), "data": str(data_dir), "workers": workers, "gpu": gpu}
-    run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, params, tags={"genseg.job": f"train {task.name}"})
+    run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, params,
+                                                   tags={"genseg.job": f"train {task.name}", **(tags or {})})
     log(f"{'resuming' if resumed else 'starting'} {task.name} run '{run_name}' (MLflow run {run_id}), "
         f"{workers} worker(s), {runtime.get('steps_per_epoch')} steps/epoch")
 
@@ -310,7 +315,7 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
             **runtime, "classes": manifest["classes"], "mlflow_run_id": run_id, "tracking_uri": rt.tracking_uri}},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name, storage_path=str(rt.workdir / "ray"),
+            name=run_name, storage_path=str(rt.workdir / "ray"), callbacks=list(callbacks or []),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=task.score,
                                                checkpoint_score_order="max" if task.higher_is_better else "min")),
@@ -366,7 +371,8 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
 
 
 def register_best(task: Task, run_id: str, best_dir: Path, best_metrics: dict, data_dir: Path,
-                  tracking_uri: str, promote: bool = False, scored_on: str = "val") -> dict:
+                  tracking_uri: str, promote: bool = False, scored_on: str = "val", artifact: str = "model",
+                  extra_tags: dict | None = None) -> dict:
     """Log the best checkpoint as an MLflow pyfunc model and register it; the champion rule decides
     the alias (same data, comparable finite score; ``promote`` overrides)."""
     from mlflow.tracking import MlflowClient
@@ -380,13 +386,14 @@ def register_best(task: Task, run_id: str, best_dir: Path, best_metrics: dict, d
     kind = KINDS[type(ck.config).__name__][0]
     with tempfile.TemporaryDirectory() as tmp:
         tracking.save_pyfunc(best_dir, Path(tmp) / "model", kind)
-        client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
+        client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact)
     digest, desc = fingerprint(data_dir, "val")
     client.set_tag(run_id, tracking.DATA_TAG, digest)
     value = best_metrics.get(task.score)
     score = tracking.Score(task.score, None if value is None else float(value), task.higher_is_better)
     sampling = sampling_of(ck)
-    return tracking.register(run_id, "model", task.model_name, score, data_fingerprint=digest, scored_on=scored_on,
+    return tracking.register(run_id, artifact, task.model_name, score, data_fingerprint=digest, scored_on=scored_on,
                              data_desc=f"{data_dir} ({desc})", promote=promote,
                              sampling=None if sampling is None else sampling.to_dict(),
-                             tracking_uri=tracking_uri)
+                             tracking_uri=tracking_uri, weights_digest=ckpt_lib.weights_digest(best_dir),
+                             extra_tags=extra_tags)

@@ -79,7 +79,8 @@ _QUIET_LOGGERS = {"mlflow.store.db.utils": logging.WARNING, "alembic": logging.W
 # Lines Ray itself writes to a worker's stdout; everything a worker writes to stderr is Ray's logs
 # (Python logging, warnings, C++ logs) and is left in the session directory.
 _RAY_STDOUT_NOISE = re.compile(r"Progress bars (for operators )?disabled|Reporting training result|"
-                               r"execution finished in|^\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\]")
+                               r"execution finished in|^\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\]|"
+                               r"__ray_tqdm_magic_token__")
 _LIBRARY_FILE = re.compile(r"site-packages[/\\](ray|mlflow)[/\\]")
 # Messages the raylet pushes to every driver that are about Ray's own actors, not the user's work
 _RAYLET_NOISE = re.compile(r"PYTHON worker processes have been started")

@@ -99,7 +99,7 @@ TASK = runner.Task(name="seg", experiment="genseg-seg", model_name="genseg-segme
 
 def run(data: str, cfg: SegConfig, rt, *, workers: int = 2, gpu: bool = False, run_name: str | None = None,
         max_failures: int = 0, class_weights: str | None = None, cpus_per_worker: float = 1.0,
-        register: bool = True, promote: bool = False, log=print) -> dict:
+        register: bool = True, promote: bool = False, log=print, **kw) -> dict:
     data_dir = Path(data).resolve()
     manifest = read_manifest(data_dir)
     runner.check_splits(data_dir, manifest)
@@ -113,6 +113,6 @@ def run(data: str, cfg: SegConfig, rt, *, workers: int = 2, gpu: bool = False, r
     summary = runner.run(TASK, data_dir, manifest, cfg, rt, runtime,
                          workers=workers, gpu=gpu, run_name=run_name or f"seg-{time.strftime('%Y%m%d-%H%M%S')}",
                          max_failures=max_failures, cpus_per_worker=cpus_per_worker, register=register,
-                         promote=promote, log=log)
+                         promote=promote, log=log, **kw)
     summary["best_val_miou"] = summary["best_score"]
     return summary

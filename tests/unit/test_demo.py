@@ -23,7 +23,7 @@ class FakeCLI:
 
     def __call__(self, argv):
         argv = [a for a in argv if a != "-v"]
-        cmd = argv[0] if argv[0] != "train" and argv[0] != "eval" else f"{argv[0]} {argv[1]}"
+        cmd = argv[0] if argv[0] not in ("train", "eval", "tune") else f"{argv[0]} {argv[1]}"
         self.calls.append((cmd, argv))
         if cmd == self.fail:
             return 1
@@ -52,6 +52,11 @@ class FakeCLI:
                 "n": n, "fd": 5.0, "fd_std": 1.0, "kid": 0.01, "kid_std": 0.005,
                 "noise_floor": {"fd": 4.5, "fd_std": 1.0, "kid": 0.0, "n": n},
                 "seg_miou_samples": 0.45, "seg_miou_real_ceiling": 0.5}))
+        elif cmd == "tune diffusion":
+            self.versions["diffusion"] += 1
+            Path(_opt(argv, "--json")).write_text(json.dumps({
+                "best_sampling": {"sampler": "ddim", "steps": 20, "guidance": 4.0},
+                "registered": {"name": "genseg-diffusion", "version": self.versions["diffusion"], "champion": True}}))
         elif cmd == "sample":
             out = Path(_opt(argv, "--out"))
             out.mkdir(parents=True, exist_ok=True)
@@ -82,8 +87,13 @@ def test_default_size_scores_samples_with_a_segmenter_trained_at_their_resolutio
     assert demo.run(_rt(tmp_path), epochs=6, num=240, size=(64, 96), diffusion_epochs=12) == 0
     cmds = [c for c, _ in fake_cli.calls]
     assert cmds == ["prepare", "train seg", "eval seg", "prepare", "train seg", "train diffusion", "sample",
-                    "eval gen", "train gan", "sample", "eval gen"]
+                    "eval gen", "tune diffusion", "train gan", "sample", "eval gen"]
     calls = [argv for _, argv in fake_cli.calls]
+    # the guidance search tunes the model just trained, scored by the same scorer on the same data
+    tune = calls.pop(8)
+    assert _opt(tune, "--stage") == "sampling" and _opt(tune, "--model") == "models:/genseg-diffusion/1"
+    assert _opt(tune, "--segmenter") == "models:/genseg-segmenter/2" and _opt(tune, "--data") == _opt(calls[3], "--out")
+    assert "guidance: [0.0, 2.0, 4.0]" in Path(_opt(tune, "--space")).read_text()
     small = calls[3]
     assert _opt(small, "--size") == "32x48" and _opt(small, "--val-fraction") == "0.4"
     # the scorer and the diffusion model learn from the 32x48 scenes; eval gen scores on them
@@ -106,14 +116,15 @@ def test_default_size_scores_samples_with_a_segmenter_trained_at_their_resolutio
     out = capsys.readouterr().out
     assert "90.0 % of it (n=48)" in out                       # 0.45 / 0.5
     assert "within 2 std of it (unresolved)" in out           # |5.0 - 4.5| < 2 sqrt(2)
-    assert "[11/11]" in out and "done in" in out
+    assert "[12/12]" in out and "done in" in out
+    assert "tuned sampling {'sampler': 'ddim', 'steps': 20, 'guidance': 4.0}" in out
 
 
 def test_size_at_the_diffusion_size_uses_one_segmenter(fake_cli, tmp_path):
     assert demo.run(_rt(tmp_path), epochs=2, num=100, size=(32, 48), diffusion_epochs=3) == 0
     cmds = [c for c, _ in fake_cli.calls]
-    assert cmds == ["prepare", "train seg", "eval seg", "train diffusion", "sample", "eval gen", "train gan", "sample",
-                    "eval gen"]
+    assert cmds == ["prepare", "train seg", "eval seg", "train diffusion", "sample", "eval gen", "tune diffusion",
+                    "train gan", "sample", "eval gen"]
     calls = [argv for _, argv in fake_cli.calls]
     assert _opt(calls[0], "--val-fraction") == "0.4"
     assert _opt(calls[5], "--segmenter") == "models:/genseg-segmenter/1"

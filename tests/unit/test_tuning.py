@@ -1,0 +1,126 @@
+"""Search spaces, their validation, the tuning objective and ranking (genseg.tuning; no Ray)."""
+import math
+
+import pytest
+import torch
+
+from genseg import checkpoint as ck
+from genseg import config as config_lib
+from genseg import tracking
+from genseg.config import DiffusionConfig, SegConfig
+from genseg.generation import SamplingSettings
+from genseg.tuning import Objective, Range, SearchSpace, SpaceError, TrialRow, format_table, rank
+
+pytestmark = pytest.mark.unit
+
+SCHEDULE = ("schedule", "timesteps", "beta_start", "beta_end", "prediction", "lr")
+
+
+def _diffusion(over: dict):
+    return config_lib.replace(DiffusionConfig(num_classes=3, image_size=(16, 24)), over)
+
+
+def test_objective_is_exact_on_constructed_metrics():
+    obj = Objective(min_fraction=0.9, penalty=100.0)
+    ok = {"fd": 2.0, "seg_miou_fraction_of_ceiling": 0.95}
+    short = {"fd": 2.0, "seg_miou_fraction_of_ceiling": 0.8}
+    assert obj.value(ok) == 2.0 and obj.feasible(ok)
+    assert obj.value(short) == pytest.approx(2.0 + 100.0 * 0.1) and not obj.feasible(short)
+    assert obj.value({"fd": 1.5}) == 1.5                    # unconditional: FD alone
+    assert obj.value({"fd": float("nan")}) == math.inf      # a failed score never ranks first
+    assert obj.value({"seg_miou_fraction_of_ceiling": 1.0}) == math.inf
+    # a feasible setting with a higher FD beats an infeasible one with a lower FD
+    assert obj.value({"fd": 3.0, "seg_miou_fraction_of_ceiling": 0.91}) < obj.value(
+        {"fd": 1.0, "seg_miou_fraction_of_ceiling": 0.85})
+    assert Objective(min_fraction=0.0).value(short) == 2.0
+    assert "FD + 100 x max(0, 0.9 - mIoU fraction)" in obj.describe()
+    with pytest.raises(Exception, match="min-fraction"):
+        Objective(min_fraction=1.5)
+
+
+def test_space_parsing_and_shape_errors():
+    s = SearchSpace.parse({"schedule": ["linear", "cosine"], "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+                           "timesteps": {"values": [500, 1000]}, "steps": {"low": 10, "high": 50, "int": True},
+                           "guidance": 2.0}, "x")
+    assert s.fields["schedule"] == ["linear", "cosine"] and s.fields["timesteps"] == [500, 1000]
+    assert s.fields["lr"] == Range(1e-4, 1e-2, log=True) and s.fields["steps"].ends() == [10, 50]
+    assert s.fields["guidance"] == [2.0] and s.size is None          # a range: no grid
+    assert SearchSpace.parse({"a": [1, 2], "b": [3, 4, 5]}, "x").size == 6
+    for bad, msg in [({"lr": []}, "empty"), ({"lr": {"low": 2, "high": 1}}, "empty range"),
+                     ({"lr": {"low": 0, "high": 1, "log": True}}, "low > 0"),
+                     ({"lr": {"low": 1.5, "high": 3, "int": True}}, "whole-number"),
+                     ({"lr": {"low": 1, "high": 2, "step": 1}}, "unknown key"),
+                     ({"lr": {"high": 2}}, "needs numbers")]:
+        with pytest.raises(SpaceError, match=msg):
+            SearchSpace.parse(bad, "schedule")
+    with pytest.raises(SpaceError, match="a range"):
+        SearchSpace.parse({"lr": {"low": 1, "high": 2}}, "s").check_grid()
+    SearchSpace.parse({"lr": [1, 2]}, "s").check_grid()
+
+
+def test_space_check_names_unknown_fields_and_impossible_values():
+    good = SearchSpace.parse({"schedule": ["linear", "cosine"], "beta_end": [0.01, 0.02]}, "schedule")
+    good.check(SCHEDULE, _diffusion, "schedule")
+    with pytest.raises(SpaceError, match="unknown field.*'?scheduel"):
+        SearchSpace.parse({"scheduel": ["linear"]}, "schedule").check(SCHEDULE, _diffusion, "schedule")
+    with pytest.raises(SpaceError, match="field 'schedule': value 'quadratic'"):
+        SearchSpace.parse({"schedule": ["linear", "quadratic"]}, "schedule").check(SCHEDULE, _diffusion, "schedule")
+    # beta_start up to 0.05 is above every beta_end the space allows: no trial could use it
+    with pytest.raises(SpaceError, match="'beta_start': value 0.05"):
+        SearchSpace.parse({"beta_start": {"low": 1e-4, "high": 0.05}, "beta_end": [0.02, 0.03]}, "schedule").check(
+            SCHEDULE, _diffusion, "schedule")
+    # ...but a beta_start that some searched beta_end admits is fine (0.01 < 0.02)
+    SearchSpace.parse({"beta_start": {"low": 1e-4, "high": 0.01}, "beta_end": [0.005, 0.02]}, "schedule").check(
+        SCHEDULE, _diffusion, "schedule")
+    # a field the stage does not search (the data's class count) is refused by name
+    with pytest.raises(SpaceError, match="num_classes"):
+        SearchSpace.parse({"num_classes": [3]}, "schedule").check(SCHEDULE, _diffusion, "schedule")
+
+
+def test_sampling_space_check_knows_the_models_timesteps():
+    base = SamplingSettings("ddim", 25, 2.0)
+
+    def build(over):
+        return SamplingSettings(**{**base.to_dict(), **over}).validated(max_steps=100)
+
+    SearchSpace.parse({"steps": [20, 100], "guidance": [0, 5]}, "sampling").check(("sampler", "steps", "guidance"),
+                                                                                  build, "sampling")
+    for spec, msg in [({"steps": [20, 200]}, "value 200.*exceeds the model's 100"),
+                      ({"guidance": [-1, 2]}, "value -1.*guidance"),
+                      ({"sampler": ["euler"]}, "value 'euler'.*unknown")]:
+        with pytest.raises(SpaceError, match=msg):
+            SearchSpace.parse(spec, "sampling").check(("sampler", "steps", "guidance"), build, "sampling")
+
+
+def test_rank_puts_failed_scores_last_and_respects_direction():
+    rows = [TrialRow("a", {"w": 1}, {"fd": 2.0}, "finished"), TrialRow("b", {"w": 2}, {"fd": float("nan")}, "error"),
+            TrialRow("c", {"w": 3}, {"fd": 1.0}, "finished"), TrialRow("d", {"w": 4}, {}, "error")]
+    assert [r.trial_id for r in rank(rows, "fd", higher_is_better=False)] == ["c", "a", "b", "d"]
+    assert [r.trial_id for r in rank(rows, "fd", higher_is_better=True)] == ["a", "c", "b", "d"]
+    table = format_table(rank(rows, "fd", False), ["w"], ["fd"]).splitlines()
+    assert table[0].split() == ["trial", "w", "fd", "status"] and table[2].split() == ["c", "3", "1", "finished"]
+
+
+def test_weights_digest_ignores_metadata_and_sees_weights(tmp_path):
+    from genseg.models import build_segmenter
+
+    cfg = SegConfig(num_classes=3, width=8)
+    torch.manual_seed(0)
+    a = ck.save(tmp_path / "a", build_segmenter(cfg), cfg, epoch=0)
+    tuned = ck.copy_with_meta(a, tmp_path / "tuned", sampling={"sampler": "ddim", "steps": 9, "guidance": 1.0})
+    torch.manual_seed(1)
+    b = ck.save(tmp_path / "b", build_segmenter(cfg), cfg, epoch=0)
+    assert ck.load(tuned).meta["sampling"]["steps"] == 9 and ck.load(tuned).epoch == 0
+    assert ck.weights_digest(a) == ck.weights_digest(tuned) != ck.weights_digest(b)
+
+
+def test_champion_rule_lets_the_champions_own_weights_replace_it():
+    cur = {tracking.DATA_TAG: "d", tracking.SPLIT_TAG: "val", tracking.SCORE_NAME_TAG: "val_x0_mse",
+           tracking.SCORE_TAG: "0.5", tracking.WEIGHTS_TAG: "w1"}
+    score = tracking.Score("val_x0_mse", 0.5, higher_is_better=False)
+    take, why = tracking.decide_champion(score, "d", "val", cur, new_weights="w1")
+    assert take and "own weights" in why
+    assert not tracking.decide_champion(score, "d", "val", cur, new_weights="w2")[0]       # a tie keeps it
+    assert not tracking.decide_champion(score, "other", "val", cur, new_weights="w1")[0]   # other data: not comparable
+    nan = tracking.Score("val_x0_mse", float("nan"), higher_is_better=False)
+    assert not tracking.decide_champion(nan, "d", "val", cur, new_weights="w1")[0]
