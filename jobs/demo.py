@@ -294,8 +294,10 @@ def run(rt, epochs: int = 8, num: int = 240, size: tuple[int, int] = (32, 48), d
               "--data", str(gen_shards), "--space", str(space), "--num", str(n_gen), "--name", f"demo-tune-{stamp}",
               "--json", str(tune_json)])
         tuned = _read(tune_json)
-        say(f"tuned sampling {tuned.get('best_sampling')}; registered as "
-            f"{(tuned.get('registered') or {}).get('name')} version {(tuned.get('registered') or {}).get('version')}")
+        reg = tuned.get("registered")
+        say(f"tuned sampling {tuned.get('best_sampling')}; "
+            + (f"registered as {reg.get('name')} version {reg.get('version')}" if reg else
+               "the model's own settings won, so nothing was registered"))
 
         # 7. a GAN on the same scenes, its samples on the same label maps, scored the same way
         gan_json = demo_dir / "train_gan.json"
