@@ -172,3 +172,21 @@ def test_side_by_side_pairs_label_diffusion_and_gan_samples(tmp_path):
     assert factor >= 10 and pic.shape[1] == factor * (2 * 36 + 4)
     assert pic[0, 12 * factor + 1, 0] == 100 and pic[0, 24 * factor + 1, 0] == 200      # diffusion, then GAN
     assert demo.side_by_side(tmp_path / "none", g, tmp_path / "x.png") is None
+
+
+def test_a_guidance_search_that_keeps_the_models_settings_registers_nothing(monkeypatch, tmp_path, capsys):
+    class KeepsOwn(FakeCLI):
+        def __call__(self, argv):
+            rc = super().__call__(argv)
+            if argv[:2] == ["tune", "diffusion"]:
+                Path(_opt(argv, "--json")).write_text(json.dumps({
+                    "best_sampling": {"sampler": "ddim", "steps": 20, "guidance": 2.0}, "registered": None}))
+            return rc
+
+    fake = KeepsOwn()
+    monkeypatch.setattr("jobs.cli.main", fake)
+    assert demo.run(_rt(tmp_path), size=(32, 48)) == 0
+    out = capsys.readouterr().out
+    assert "the model's own settings won, so nothing was registered" in out
+    # the GAN steps still run after it
+    assert [c for c, _ in fake.calls][-3:] == ["train gan", "sample", "eval gen"]
