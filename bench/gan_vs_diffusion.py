@@ -42,15 +42,14 @@ def run_figures(client, run_id: str, names: tuple[str, ...]) -> dict:
 
 def run_id_of(client, ref, experiment: str) -> str | None:
     """The MLflow run of a resolved REF: its own run id, else (a checkpoint directory
-    ``.../runs/<run name>/best``) the run of that name in ``experiment``."""
+    ``.../runs/<run name>/best``) the genseg run of that name in ``experiment``."""
+    from genseg import tracking
+
     if ref.run_id:
         return ref.run_id
     exp = client.get_experiment_by_name(experiment)
-    name = Path(ref.path).resolve().parent.name
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'")
-    return runs[0].info.run_id if runs else None
+    run = tracking.find_run(exp.experiment_id, Path(ref.path).resolve().parent.name) if exp else None
+    return run.info.run_id if run else None
 
 
 def main() -> None:

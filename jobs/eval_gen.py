@@ -55,6 +55,22 @@ def features_and_miou(seg, images: torch.Tensor, masks: torch.Tensor, with_histo
     return torch.cat(feats), cm.compute()["miou"]
 
 
+def compare(f_real: torch.Tensor, f_fake: torch.Tensor, miou_real: float, miou_fake: float | None,
+            seed: int) -> dict:
+    """The figures of a generated set against the real one, from their segmenter features (and, for
+    label-conditioned samples, ``miou_fake``, the segmenter's mIoU on them against their label maps,
+    with ``miou_real`` on the real images as the ceiling).  ``eval gen`` and every tuning trial
+    report these, computed here only."""
+    kid, kid_std = gm.kernel_inception_distance(f_real, f_fake, seed=seed)
+    out = {"fd": gm.frechet_distance(f_real, f_fake), "fd_std": gm.frechet_distance_std(f_real, f_fake, seed=seed),
+           "kid": kid, "kid_std": kid_std}
+    if miou_fake is not None:
+        out["seg_miou_samples"] = miou_fake
+        out["seg_miou_real_ceiling"] = miou_real
+        out["seg_miou_fraction_of_ceiling"] = miou_fake / miou_real if miou_real > 0 else None
+    return out
+
+
 def noise_floor(seg, other: torch.Tensor, feats_real: torch.Tensor, seed: int) -> dict | None:
     """FD/KID between two real sets: the evaluation set against the next ``n`` images of the split
     when it holds ``2n`` (the floor at n, std by bootstrap), else random disjoint halves of the
@@ -99,11 +115,9 @@ def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0
 
     f_real, miou_real, hist_real = features_and_miou(seg, real, masks, with_histogram=True)
     f_fake, miou_fake, hist_fake = features_and_miou(seg, fake, masks, with_histogram=True)
-    kid, kid_std = gm.kernel_inception_distance(f_real, f_fake, seed=seed)
     res = {
         "n": n,
-        "fd": gm.frechet_distance(f_real, f_fake), "fd_std": gm.frechet_distance_std(f_real, f_fake, seed=seed),
-        "kid": kid, "kid_std": kid_std,
+        **compare(f_real, f_fake, miou_real, miou_fake if gen.conditional else None, seed),
         "noise_floor": noise_floor(seg, both[n:], f_real, seed),
         "seconds_per_image": sec_per_image,
         # collapse diagnostics: diversity in the segmenter's feature space, and the class-pixel
@@ -112,10 +126,6 @@ def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0
         "class_histogram": {"names": list(seg.names), "samples": hist_fake.tolist(), "real": hist_real.tolist(),
                             "tv_distance": gm.histogram_distance(hist_fake, hist_real)},
     }
-    if gen.conditional:
-        res["seg_miou_samples"] = miou_fake
-        res["seg_miou_real_ceiling"] = miou_real
-        res["seg_miou_fraction_of_ceiling"] = miou_fake / miou_real if miou_real > 0 else None
 
     if inpaint_num > 0:
         m = min(inpaint_num, n)

@@ -197,7 +197,6 @@ def _sampling_trial(config: dict, ctx: dict) -> None:
 def score_settings(ctx: dict, settings: dict) -> dict:
     """``eval gen``'s figures for one sampling setting on the shared real set."""
     from genseg.loading import load
-    from genseg.metrics import generation as gm
     from jobs import eval_gen
 
     gen = load(ctx["model_dir"], expect="generator", device=ctx["device"])
@@ -210,14 +209,8 @@ def score_settings(ctx: dict, settings: dict) -> dict:
                         **s.to_dict())
     sec = (time.perf_counter() - t0) / len(masks)
     f_fake, miou = eval_gen.features_and_miou(seg, fake, masks)
-    f_real = real["features"]
-    m = {"fd": gm.frechet_distance(f_real, f_fake), "fd_std": gm.frechet_distance_std(f_real, f_fake, seed=ctx["seed"]),
-         "kid": gm.kernel_inception_distance(f_real, f_fake, seed=ctx["seed"])[0], "seconds_per_image": sec,
-         "n": len(masks)}
-    if gen.conditional:
-        m["seg_miou_samples"] = miou
-        m["seg_miou_real_ceiling"] = real["miou"]
-        m["seg_miou_fraction_of_ceiling"] = miou / real["miou"] if real["miou"] > 0 else float("nan")
+    m = {**eval_gen.compare(real["features"], f_fake, real["miou"], miou if gen.conditional else None, ctx["seed"]),
+         "seconds_per_image": sec, "n": len(masks)}
     obj = Objective(**ctx["objective"])
     m["objective"] = obj.value(m)
     m["feasible"] = float(obj.feasible(m))
@@ -243,35 +236,30 @@ def _log_child(ctx: dict, run_name: str, params: dict, metrics: dict, trial_id: 
 
 # ------------------------------------------------------------------ driver
 
-class _Progress:
-    """A line per finished trial while the search runs (a Ray Tune callback)."""
+def _progress_callback(stage: str, metric: str, total: int | None, max_t: int | None):
+    """A Ray Tune callback printing a line per finished trial while the search runs."""
+    from ray import tune
 
-    def __new__(cls, *a, **k):
-        from ray import tune
+    class Progress(tune.Callback):
+        done = 0
 
-        class Progress(tune.Callback):
-            def __init__(self, stage: str, metric: str, total: int | None, max_t: int | None):
-                self.stage, self.metric, self.total, self.max_t, self.done = stage, metric, total, max_t, 0
+        def _line(self, trial, status: str) -> None:
+            self.done += 1
+            v = (trial.last_result or {}).get(metric)
+            params = ", ".join(f"{k}={_short(val)}" for k, val in trial.config.items())
+            shown = "n/a" if not isinstance(v, (int, float)) else f"{v:.4g}"
+            print(f"[{stage}] trial {self.done}{f'/{total}' if total else ''} {trial.trial_id}: {params} -> {metric} "
+                  f"{shown} ({status})", flush=True)
 
-            def _line(self, trial, status: str) -> None:
-                self.done += 1
-                res = trial.last_result or {}
-                v = res.get(self.metric)
-                params = ", ".join(f"{k}={_short(val)}" for k, val in trial.config.items())
-                of = f"/{self.total}" if self.total else ""
-                shown = "n/a" if not isinstance(v, (int, float)) else f"{v:.4g}"
-                print(f"[{self.stage}] trial {self.done}{of} {trial.trial_id}: {params} -> {self.metric} {shown} "
-                      f"({status})", flush=True)
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            it = (trial.last_result or {}).get("training_iteration")
+            stopped = max_t is not None and it is not None and it < max_t
+            self._line(trial, f"early-stopped after {it} epoch(s)" if stopped else "finished")
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                it = (trial.last_result or {}).get("training_iteration")
-                stopped = self.max_t is not None and it is not None and it < self.max_t
-                self._line(trial, f"early-stopped after {it} epoch(s)" if stopped else "finished")
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, f"error: {_last_error_line(trial)}")
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self._line(trial, f"error: {_last_error_line(trial)}")
-
-        return Progress(*a, **k)
+    return Progress()
 
 
 def _last_error_line(trial) -> str:
@@ -296,7 +284,7 @@ def _tuner(trainable, space: SearchSpace, opts: TuneOptions, rt, stage: str, met
 
     storage = rt.workdir / "tune" / opts.name
     exp_dir = storage / stage
-    progress = _Progress(stage, metric, total, max_t)
+    progress = _progress_callback(stage, metric, total, max_t)
     if tune.Tuner.can_restore(str(exp_dir)):
         print(f"[{stage}] resuming the search in {exp_dir}: finished trials are kept")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -341,6 +329,19 @@ def _rows(grid, metric_keys: list[str], max_t: int | None, run_lookup) -> list[T
         rows.append(TrialRow(str(tid), params, {k: m.get(k) for k in metric_keys if k in m}, status,
                              epochs=it if max_t is not None else None, mlflow_run_id=run_lookup(str(tid))))
     return rows
+
+
+def _trial_runs(rt, experiment: str, name: str):
+    """trial id -> the MLflow run id of that trial (runs are named ``<search>-<trial id>``), or None."""
+    from genseg import tracking
+
+    exp_id = tracking.experiment_id(experiment, rt.workdir)
+
+    def lookup(trial_id: str) -> str | None:
+        run = tracking.find_run(exp_id, f"{name}-{trial_id}")
+        return run.info.run_id if run else None
+
+    return lookup
 
 
 def _finish_children(rows: list[TrialRow], tracking_uri: str) -> None:
@@ -413,12 +414,7 @@ def run_training_stage(task: str, stage: str, opts: TuneOptions, rt, parent_run_
     tuner = _tuner(trainable, space, opts, rt, stage, metric, mode, scheduler, total, epochs)
     t0 = time.perf_counter()
     grid = tuner.fit()
-    exp_id = tracking.experiment_id(experiment, rt.workdir)
-
-    def lookup(tid: str):
-        run = tracking.find_run(exp_id, f"{opts.name}-{tid}")
-        return run.info.run_id if run else None
-
+    lookup = _trial_runs(rt, experiment, opts.name)
     best_key = f"best_{metric}" if task == "diffusion" else "best_miou"
     keys = [metric, best_key, "train_loss", "epoch_seconds"]
     rows = _rows(grid, keys, epochs, lookup)
@@ -470,14 +466,7 @@ def run_sampling_stage(opts: TuneOptions, rt, parent_run_id: str, model_dir: Pat
     t0 = time.perf_counter()
     grid = _tuner(trainable, space, opts, rt, "sampling", "objective", "min", None, total).fit()
     seconds = round(time.perf_counter() - t0, 1)
-    from genseg import tracking
-
-    exp_id = tracking.experiment_id("genseg-diffusion", rt.workdir)
-
-    def lookup(tid: str):
-        run = tracking.find_run(exp_id, f"{opts.name}-{tid}")
-        return run.info.run_id if run else None
-
+    lookup = _trial_runs(rt, "genseg-diffusion", opts.name)
     keys = ["objective", "fd", "fd_std", "kid", "seg_miou_samples", "seg_miou_fraction_of_ceiling", "feasible",
             "seconds_per_image"]
     rows = _rows(grid, keys, None, lookup)
