@@ -37,7 +37,7 @@ def main() -> None:
 
     import numpy as np
 
-    from genseg import tracking
+    from genseg import imageio, tracking
     from genseg.editing import EditOptions
     from genseg.loading import load
     from genseg.viz import save_png
@@ -55,12 +55,12 @@ def main() -> None:
     rows, records = [], []
     for i, path in enumerate(args.image):
         t0 = time.perf_counter()
-        res = edit_job.run(gen, seg, edit_job.read_image(path), str(tmp / f"out{i}.png"), remove=args.remove,
+        res = edit_job.run(gen, seg, imageio.read_image(path), str(tmp / f"out{i}.png"), remove=args.remove,
                            opts=opts, sampling=sampling)
         seconds = time.perf_counter() - t0
-        image = edit_job.read_image(path)
-        result = edit_job.read_image(res["out"])
-        region = edit_job.read_image(res["mask"])[..., 0] > 0
+        image = imageio.read_image(path)
+        result = imageio.read_image(res["out"])
+        region = imageio.read_image(res["mask"])[..., 0] > 0
         identical = bool(np.array_equal(image[~region], result[~region]))
         shown = image.copy()
         shown[region] = (0.4 * shown[region] + 0.6 * np.array([255, 0, 255])).astype(np.uint8)

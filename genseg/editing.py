@@ -68,39 +68,65 @@ def fill_labels(labels: np.ndarray, hole: np.ndarray, max_iters: int = 10_000) -
     return lab.numpy()
 
 
-def _to_model(image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None, size: tuple[int, int]):
-    """Image, hole and labels at the model's size.  A model pixel is part of the hole when any image
-    pixel under it is: a nearest-sampled mask would leave pixels half-covered by the removed object
-    "known", and their colour would bleed back into the fill."""
+def model_inputs(image: np.ndarray, region: np.ndarray, labels: np.ndarray | None, size: tuple[int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Image ``(1, h, w, 3) uint8``, hole ``(1, h, w) bool`` and labels ``(1, h, w)`` (or None) at the
+    model's ``size``, ready for ``Generator.inpaint``.  A model pixel is part of the hole when any
+    image pixel under it is: a nearest-sampled mask would leave pixels half-covered by the removed
+    object "known", and their colour would bleed back into the fill."""
     x = from_uint8(torch.from_numpy(np.array(image))[None])
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    m = (F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=size, mode="area") > 0).float()
+    m = F.interpolate(torch.from_numpy(region.astype(np.float32))[None, None], size=size, mode="area") > 0
     lab = None
     if labels is not None:
         lab = F.interpolate(torch.from_numpy(labels).float()[None, None], size=size, mode="nearest")[0].long()
-    return x, m, lab
+    return to_uint8(x), m[:, 0], lab
+
+
+def paste(image: np.ndarray, generated: torch.Tensor, region: np.ndarray, feather: int) -> np.ndarray:
+    """The model-size result ``generated (1, h, w, 3) uint8`` upsampled to the image and composited
+    inside ``region``: pixels outside it are the input's, bit for bit."""
+    h, w = image.shape[:2]
+    up = F.interpolate(from_uint8(generated), size=(h, w), mode="bilinear", align_corners=False)
+    return composite(image, to_uint8(up)[0].numpy(), region, feather)
+
+
+def removal_region(labels: np.ndarray, classes: list[int], opts: EditOptions, conditional: bool
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """-> (the region to regenerate: the classes' pixels, dilated; the labels to condition the fill
+    on: the surrounding classes grown into the region, or None for an unconditional model)."""
+    region = dilate(np.isin(labels, classes), opts.dilate)
+    return region, (fill_labels(labels, region) if conditional and region.any() else None)
+
+
+def background_region(labels: np.ndarray, keep: list[int], label_map: np.ndarray | None, conditional: bool
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+    """-> (everything but the ``keep`` classes; the labels to synthesize it from: ``label_map``
+    (resized to the image with NEAREST) outside the kept pixels, or None = unconditional)."""
+    foreground = np.isin(labels, keep)
+    cond_labels = None
+    if label_map is not None and conditional:
+        lm = F.interpolate(torch.from_numpy(label_map.astype(np.float32))[None, None], size=labels.shape,
+                           mode="nearest")[0, 0].numpy().astype(np.int64)
+        cond_labels = np.where(foreground, labels, lm)
+    return ~foreground, cond_labels
 
 
 def _fill(gen, image: np.ndarray, region: np.ndarray, labels: np.ndarray | None, opts: EditOptions,
           sampling: dict | None = None) -> np.ndarray:
     """Regenerate ``region`` of ``image`` at the model's size, then composite at full size."""
-    size = tuple(gen.image_size)
-    x, m, lab = _to_model(image, region, labels if gen.conditional else None, size)
-    out = gen.inpaint(to_uint8(x), m[:, 0] > 0, lab, opts.seed, resample=opts.resample, **(sampling or {}))
-    h, w = image.shape[:2]
-    up = F.interpolate(from_uint8(out), size=(h, w), mode="bilinear", align_corners=False)
-    generated = to_uint8(up)[0].numpy()
-    return composite(image, generated, region, opts.feather)
+    x, hole, lab = model_inputs(image, region, labels if gen.conditional else None, tuple(gen.image_size))
+    out = gen.inpaint(x, hole, lab, opts.seed, resample=opts.resample, **(sampling or {}))
+    return paste(image, out, region, opts.feather)
 
 
 def remove_objects(segmenter, gen, image: np.ndarray, classes: list[int], opts: EditOptions = EditOptions(),
                    sampling: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (edited image, edited region (H, W) bool, segmentation (H, W))."""
     labels = segment(segmenter, image)
-    region = dilate(np.isin(labels, classes), opts.dilate)
+    region, fill = removal_region(labels, classes, opts, gen.conditional)
     if not region.any():
         return image.copy(), region, labels
-    fill = fill_labels(labels, region) if gen.conditional else None
     return _fill(gen, image, region, fill, opts, sampling), region, labels
 
 
@@ -110,11 +136,5 @@ def replace_background(segmenter, gen, image: np.ndarray, keep: list[int], label
     """Keep pixels of the ``keep`` classes; synthesize the rest from ``label_map (H, W)`` (resized to
     the image with NEAREST) or unconditionally when it is None."""
     labels = segment(segmenter, image)
-    foreground = np.isin(labels, keep)
-    region = ~foreground
-    cond_labels = None
-    if label_map is not None and gen.conditional:
-        lm = F.interpolate(torch.from_numpy(label_map.astype(np.float32))[None, None], size=labels.shape,
-                           mode="nearest")[0, 0].numpy().astype(np.int64)
-        cond_labels = np.where(foreground, labels, lm)
+    region, cond_labels = background_region(labels, keep, label_map, gen.conditional)
     return _fill(gen, image, region, cond_labels, opts, sampling), region, labels

@@ -47,3 +47,12 @@ def upscale(array: np.ndarray, min_width: int) -> np.ndarray:
     (NEAREST: every model pixel stays a crisp square a person can see)."""
     factor = max(1, -(-min_width // array.shape[1]))
     return array if factor == 1 else np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette, ignore_index: int = 255, alpha: float = 0.5) -> np.ndarray:
+    """``image (H, W, 3) uint8`` with the class colours of ``labels (H, W)`` blended over it
+    (``alpha`` of colour; ignored pixels keep the image)."""
+    colours = colorize(labels, palette, ignore_index).astype(np.float32)
+    out = image.astype(np.float32) * (1 - alpha) + colours * alpha
+    out = np.where((labels == ignore_index)[..., None], image, np.rint(out))
+    return out.clip(0, 255).astype(np.uint8)

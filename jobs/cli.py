@@ -246,6 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the search summary (all trials, best config and metrics) here")
     _runtime_flags(p)
 
+    p = sub.add_parser("serve", help="serve the champion models over HTTP on Ray Serve (until Ctrl-C / SIGTERM)",
+                       description="Deploy the segmenter and the generator (registry champions by default) as "
+                                   "autoscaling Ray Serve replicas behind an HTTP API and a web page at /. Registry "
+                                   "aliases are followed: a new champion is served within --poll-interval seconds.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_whole(1), default=8000)
+    p.add_argument("--segmenter", default="models:/genseg-segmenter@champion", help="segmenter REF")
+    p.add_argument("--generator", default="models:/genseg-diffusion@champion",
+                   help="diffusion or GAN REF (e.g. models:/genseg-gan@champion)")
+    p.add_argument("--poll-interval", type=float, default=30.0,
+                   help="seconds between checks for a moved champion alias (0: never)")
+    p.add_argument("--threads", type=_whole(1), default=1, help="torch threads per model replica")
+    p.add_argument("--max-steps", type=_whole(1), default=250, help="most sampler steps a request may ask for")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds before a synthesis or edit request is cut with a 504")
+    p.add_argument("--detach", action="store_true",
+                   help="with --ray-address: deploy onto the cluster and return, leaving the app running")
+    _runtime_flags(p)
+
     p = sub.add_parser("demo", help="synthetic data -> segmentation, diffusion and GAN training -> eval -> samples")
     p.add_argument("--epochs", type=int, default=8, help="segmentation epochs")
     p.add_argument("--diffusion-epochs", type=int, default=10)
@@ -471,13 +490,13 @@ def cmd_sample(args, rt) -> int:
 def cmd_edit(args, rt) -> int:
     import tempfile
 
-    from genseg import tracking
+    from genseg import imageio, tracking
     from genseg.editing import EditOptions
     from jobs import edit_job
 
     tracking.setup(rt.workdir, rt.tracking_uri)
     opts = EditOptions(resample=args.resample, dilate=args.dilate, feather=args.feather, seed=args.seed)
-    image = edit_job.read_image(args.image)      # a bad image fails before any model is loaded
+    image = imageio.read_image(args.image)      # a bad image fails before any model is loaded
     with tempfile.TemporaryDirectory() as tmp:
         dres, gen = _resolve(args.model, rt, f"{tmp}/d", "generator", args.device)
         sres, seg = _resolve(args.segmenter, rt, f"{tmp}/s", "segmenter", args.device)
@@ -567,6 +586,19 @@ def cmd_tune(args, rt) -> int:
     return 0
 
 
+def cmd_serve(args, rt) -> int:
+    from genseg import tracking
+    from serve_app import server
+    from serve_app.options import AppOptions
+
+    if args.port > 65535:
+        raise UsageError(f"--port {args.port} is not a TCP port (1..65535)")
+    tracking.setup(rt.workdir, rt.tracking_uri)
+    opts = AppOptions(segmenter=args.segmenter, generator=args.generator, poll_interval_s=args.poll_interval,
+                      threads=args.threads, max_steps=args.max_steps, generate_timeout_s=args.timeout)
+    return server.run(rt, opts, host=args.host, port=args.port, detach=args.detach)
+
+
 def cmd_demo(args, rt) -> int:
     from jobs import demo
 
@@ -583,7 +615,7 @@ class Interrupted(Exception):
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "edit": cmd_edit,
-            "tune": cmd_tune, "demo": cmd_demo}
+            "tune": cmd_tune, "serve": cmd_serve, "demo": cmd_demo}
 
 
 def _known_errors() -> tuple[type, ...]:

@@ -83,7 +83,7 @@ _RAY_STDOUT_NOISE = re.compile(r"Progress bars (for operators )?disabled|Reporti
                                r"__ray_tqdm_magic_token__")
 _LIBRARY_FILE = re.compile(r"site-packages[/\\](ray|mlflow)[/\\]")
 # Messages the raylet pushes to every driver that are about Ray's own actors, not the user's work
-_RAYLET_NOISE = re.compile(r"PYTHON worker processes have been started")
+_RAYLET_NOISE = re.compile(r"PYTHON worker processes have been started|ServeController\.graceful_shutdown")
 
 
 def quiet_logging(verbose: bool) -> None:

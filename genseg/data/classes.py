@@ -71,3 +71,28 @@ def rgb_to_index(rgb: np.ndarray, palette, ignore_index: int = IGNORE_INDEX) -> 
     for idx, (r, g, b) in enumerate(palette):
         out[codes == ((r << 16) | (g << 8) | b)] = idx
     return out
+
+
+def class_ids(spec, names: list[str] | tuple[str, ...]) -> list[int]:
+    """Class names (case-insensitive) or ids -> ids: ``"car,3"`` or ``["car", 3]``.  Raises
+    :class:`genseg.errors.InputError` naming an unknown class and the ones that exist."""
+    from genseg.errors import InputError
+
+    tokens = spec.split(",") if isinstance(spec, str) else list(spec or [])
+    lower = [n.lower() for n in names]
+    out: list[int] = []
+    for tok in tokens:
+        if isinstance(tok, bool) or not isinstance(tok, (str, int)):
+            raise InputError(f"a class must be a name or an id, got {tok!r}")
+        text = str(tok).strip()
+        if not text:
+            continue
+        if text.isdigit() and int(text) < len(names):
+            out.append(int(text))
+        elif text.lower() in lower:
+            out.append(lower.index(text.lower()))
+        else:
+            raise InputError(f"unknown class {text!r}; the segmenter knows: {', '.join(names)}")
+    if not out:
+        raise InputError("no classes given")
+    return out

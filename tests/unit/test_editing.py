@@ -74,12 +74,12 @@ def test_nothing_selected_returns_the_input():
 
 
 def test_hole_at_model_size_covers_every_partly_selected_pixel():
-    from genseg.editing import _to_model
+    from genseg.editing import model_inputs
 
     image = np.zeros((40, 60, 3), np.uint8)
     region = np.zeros((40, 60), bool)
     region[10, 31] = True                      # one image pixel; each model pixel covers 10x10 image pixels
-    _, m, _ = _to_model(image, region, None, (4, 6))
-    expected = torch.zeros(4, 6)
-    expected[1, 3] = 1                         # rows 10..19 -> model row 1, cols 30..39 -> model col 3
-    assert torch.equal(m[0, 0], expected)
+    _, m, _ = model_inputs(image, region, None, (4, 6))
+    expected = torch.zeros(4, 6, dtype=torch.bool)
+    expected[1, 3] = True                      # rows 10..19 -> model row 1, cols 30..39 -> model col 3
+    assert torch.equal(m[0], expected)

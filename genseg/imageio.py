@@ -1,0 +1,98 @@
+"""Reading images and label maps a user hands in (a file for the CLI, request bytes for Serve), with
+the checks both need: size limits before decoding, one clear error naming what is wrong.
+
+* :func:`read_image` -> ``(H, W, 3) uint8`` RGB.
+* :func:`read_label_map` -> ``(H, W) int64`` class ids: a single-channel PNG of class ids, or an RGB
+  PNG painted in the label set's palette (what a browser canvas produces).
+* :func:`png_bytes` -> PNG-encoded bytes of an array.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from genseg.data.classes import rgb_to_index
+from genseg.errors import InputError
+
+MAX_PIXELS = 4096 * 4096
+
+
+class ImageError(InputError):
+    """An image or label map that cannot be used: unreadable, too large, wrong shape or values."""
+
+
+def _open(source: bytes | str | Path):
+    return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+
+
+def _name(source, what: str) -> str:
+    return what if isinstance(source, (bytes, bytearray)) else str(source)
+
+
+def read_image(source: bytes | str | Path, *, max_pixels: int = MAX_PIXELS, what: str = "image") -> np.ndarray:
+    """An RGB image from a path or bytes, refusing one over ``max_pixels`` before it is decoded."""
+    name = _name(source, what)
+    try:
+        with _open(source) as im:
+            if im.width * im.height > max_pixels:
+                raise ImageError(f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} "
+                                 f"pixels; downscale it first")
+            return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: the image is over the limit of {max_pixels:,} pixels; downscale it first") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not a readable image (unknown format or corrupt data)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: not a readable image ({_first(exc)})") from None
+
+
+def read_label_map(source: bytes | str | Path, num_classes: int, *, ignore_index: int = 255,
+                   palette=None, max_pixels: int = MAX_PIXELS, what: str = "label map") -> np.ndarray:
+    """Class ids ``(H, W) int64`` from a single-channel PNG of ids (``ignore_index`` = unknown) or,
+    when ``palette`` is given, an RGB(A) PNG whose every colour is one of the palette's."""
+    name = _name(source, what)
+    try:
+        with _open(source) as im:
+            if im.width * im.height > max_pixels:
+                raise ImageError(f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} pixels")
+            if im.mode == "P":   # a paletted PNG: its indices are the class ids
+                lm = np.asarray(im)
+            elif im.mode in ("RGB", "RGBA") and palette is not None:
+                lm = rgb_to_index(np.asarray(im.convert("RGB")), palette, ignore_index)
+                if (lm < 0).any():
+                    bad = np.asarray(im.convert("RGB"))[lm < 0][:3].tolist()
+                    raise ImageError(f"{name}: {int((lm < 0).sum())} pixels have colours that are not in the "
+                                     f"label set's palette (e.g. {bad}); paint with the class colours only")
+            else:
+                lm = np.asarray(im)
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: over the limit of {max_pixels:,} pixels") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not a readable label map (unknown format or corrupt data)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: not a readable label map ({_first(exc)})") from None
+    if lm.ndim != 2:
+        raise ImageError(f"{name}: a label map must be a single-channel PNG of class ids"
+                         + (" or an RGB PNG in the class colours" if palette is not None else "")
+                         + f", got an image of shape {lm.shape}")
+    lm = lm.astype(np.int64)
+    bad = np.unique(lm[(lm >= num_classes) & (lm != ignore_index)])
+    if bad.size:
+        raise ImageError(f"{name}: label values {bad[:10].tolist()} are out of range 0..{num_classes - 1} "
+                         f"(or {ignore_index} for unknown)")
+    return lm
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """``(H, W)`` uint8 ids or ``(H, W, 3)`` uint8 RGB -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array.astype(np.uint8))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
