@@ -38,11 +38,13 @@ def read_image(source: bytes | str | Path, *, max_pixels: int = MAX_PIXELS, what
     try:
         with _open(source) as im:
             if im.width * im.height > max_pixels:
-                raise ImageError(f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} "
-                                 f"pixels; downscale it first")
+                raise ImageError(f"{name}: {im.width}x{im.height} pixels (width x height) is over the limit of "
+                                 f"{max_pixels:,} pixels; downscale it first")
             return np.asarray(im.convert("RGB"))
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: the image is over the limit of {max_pixels:,} pixels; downscale it first") from None
+    except ImageError:
+        raise
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable image (unknown format or corrupt data)") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -70,6 +72,8 @@ def read_label_map(source: bytes | str | Path, num_classes: int, *, ignore_index
                 lm = np.asarray(im)
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: over the limit of {max_pixels:,} pixels") from None
+    except ImageError:
+        raise
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable label map (unknown format or corrupt data)") from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ray-address: deploy onto the cluster and return, leaving the app running")
     _runtime_flags(p)
 
-    p = sub.add_parser("demo", help="synthetic data -> segmentation, diffusion and GAN training -> eval -> samples")
+    p = sub.add_parser("demo", help="synthetic data -> segmentation, diffusion and GAN training -> eval -> samples "
+                                    "-> serving")
     p.add_argument("--epochs", type=int, default=8, help="segmentation epochs")
     p.add_argument("--diffusion-epochs", type=int, default=10)
     p.add_argument("--gan-epochs", type=int, default=10)
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=(32, 48),
                    help="scene size; above 32x48 the generative models still work at 32x48 and a second "
                         "segmenter is trained there to score them")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="leave the served models (and the web page) up at the end until Ctrl-C")
     _runtime_flags(p)
     return parser
 
@@ -603,7 +606,7 @@ def cmd_demo(args, rt) -> int:
     from jobs import demo
 
     return demo.run(rt, epochs=args.epochs, num=args.num, size=args.size, diffusion_epochs=args.diffusion_epochs,
-                    gan_epochs=args.gan_epochs)
+                    gan_epochs=args.gan_epochs, keep_serving=args.keep_serving)
 
 
 class UsageError(Exception):

@@ -8,6 +8,7 @@ It drives the public CLI (``jobs.cli.main``), the same commands a user types, an
     -> train diffusion (2 workers) -> sample (a grid) -> eval gen (segmenter mIoU of the samples
     against the real-image ceiling, FD against its real-vs-real noise floor)
     -> tune the guidance weight (Ray Tune, 3 trials) -> train gan -> sample gan -> eval gen gan
+    -> serve the segmenter and the diffusion model on Ray Serve and call each endpoint once
 
 Generation is scored by a segmenter trained at the samples' resolution (the evaluation protocol,
 docs/architecture.md).  The generative models work at ``diffusion_size(size)``, 32x48 for the
@@ -166,8 +167,66 @@ def side_by_side(diffusion_samples: Path, gan_samples: Path, out: Path) -> Path 
     return save_png(upscale(np.concatenate([left, pad, right], axis=1), GRID_MIN_WIDTH), out)
 
 
+def serve_and_call(rt, seg_ref: str, gen_ref: str, size: tuple[int, int], demo_dir: Path, keep_serving: bool,
+                   port: int = 8000) -> dict:
+    """``genseg serve`` on the demo's models; one request to each endpoint, printed; then stop
+    (or, with ``keep_serving``, stay up until Ctrl-C)."""
+    import io
+
+    import numpy as np
+    import requests
+    from PIL import Image
+
+    from genseg.data.synthetic import make_scene
+    from serve_app import server
+    from serve_app.options import AppOptions
+
+    image, labels = make_scene(7, 0, *size)
+    calls: dict = {}
+
+    def png(a) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def call(name, method, url, **kw):
+        t0 = time.perf_counter()
+        r = requests.request(method, url, timeout=300, **kw)
+        calls[name] = {"status": r.status_code, "ms": 1000 * (time.perf_counter() - t0),
+                       "model": r.headers.get("X-Genseg-Model")}
+        if r.status_code != 200:
+            raise RuntimeError(f"{method} {url} -> {r.status_code}: {r.text[:200]}")
+        return r
+
+    def on_ready(url: str) -> None:
+        models = call("models", "GET", url + "v1/models").json()
+        print(f"      GET  {url}v1/models -> segmenter {models['segmenter']['name']} v{models['segmenter']['version']}, "
+              f"generator {models['generator']['name']} v{models['generator']['version']} "
+              f"({models['generator']['sampling_desc']})", flush=True)
+        seg = call("segment", "POST", url + "v1/segment?format=json", files={"image": ("scene.png", png(image))}).json()
+        shares = ", ".join(f"{c['name']} {100 * c['share']:.0f} %" for c in seg["classes"] if c["share"] >= 0.05)
+        print(f"      POST {url}v1/segment -> {shares} [{calls['segment']['ms']:.0f} ms]", flush=True)
+        r = call("synthesize", "POST", url + "v1/synthesize", files={"label_map": ("labels.png", png(labels))},
+                 data={"params": json.dumps({"seed": 1})})
+        (demo_dir / "served_synthesis.png").write_bytes(r.content)
+        print(f"      POST {url}v1/synthesize -> {demo_dir / 'served_synthesis.png'} "
+              f"[{calls['synthesize']['ms']:.0f} ms]", flush=True)
+        r = call("edit", "POST", url + "v1/edit", files={"image": ("scene.png", png(image))},
+                 data={"params": json.dumps({"operation": "remove", "classes": ["car", "person"], "seed": 1})})
+        (demo_dir / "served_edit.png").write_bytes(r.content)
+        print(f"      POST {url}v1/edit (remove car, person) -> {demo_dir / 'served_edit.png'}, "
+              f"{r.headers.get('X-Genseg-Edited-Pixels')} pixels changed [{calls['edit']['ms']:.0f} ms]", flush=True)
+        calls["url"] = url
+        if keep_serving:
+            print(f"      the web page: {url} (Ctrl-C to stop)", flush=True)
+
+    opts = AppOptions(segmenter=seg_ref, generator=gen_ref, poll_interval_s=0)
+    server.run(rt, opts, port=server.free_port(preferred=port), on_ready=on_ready, block=keep_serving)
+    return calls
+
+
 def run(rt, epochs: int = 8, num: int = 240, size: tuple[int, int] = (32, 48), diffusion_epochs: int = 10,
-        gan_epochs: int = 10) -> int:
+        gan_epochs: int = 10, keep_serving: bool = False) -> int:
     from jobs import cli
 
     t_start = time.perf_counter()
@@ -178,7 +237,7 @@ def run(rt, epochs: int = 8, num: int = 240, size: tuple[int, int] = (32, 48), d
     verbose = ["-v"] if getattr(rt, "verbose", False) else []
     dsize = diffusion_size(size)
     separate_scorer = tuple(dsize) != tuple(size)
-    total = (8 if separate_scorer else 6) + 4
+    total = (8 if separate_scorer else 6) + 5
     timings: dict[str, float] = {}
     counter = [0]
 
@@ -295,6 +354,8 @@ def run(rt, epochs: int = 8, num: int = 240, size: tuple[int, int] = (32, 48), d
               "--json", str(tune_json)])
         tuned = _read(tune_json)
         reg = tuned.get("registered")
+        # serve the tuned version (its sampling settings are the served defaults) when the search registered one
+        served_ref = f"models:/{reg['name']}/{reg['version']}" if reg and reg.get("version") else diff_ref
         say(f"tuned sampling {tuned.get('best_sampling')}; "
             + (f"registered as {reg.get('name')} version {reg.get('version')}" if reg else
                "the model's own settings won, so nothing was registered"))
@@ -326,6 +387,17 @@ def run(rt, epochs: int = 8, num: int = 240, size: tuple[int, int] = (32, 48), d
               "--num", str(n_gen), "--json", str(gan_eval)])
         for line in generation_story(_read(gan_eval)):
             print(f"      {line}")
+
+        # 8. serving: the same models behind the HTTP API, one request to each endpoint
+        counter[0] += 1
+        print(f"\n[{counter[0]}/{total}] Ray Serve: the segmenter and the diffusion model as autoscaling replicas "
+              f"behind the HTTP API on 127.0.0.1\n      $ genseg serve --segmenter {scorer_ref} --generator "
+              f"{served_ref}", flush=True)
+        t0 = time.perf_counter()
+        served = serve_and_call(rt, scorer_ref, served_ref, dsize, demo_dir, keep_serving)
+        timings["serve"] = time.perf_counter() - t0
+        say(f"served at {served.get('url')}; all four endpoints answered 200"
+            + ("" if keep_serving else " (stopped; --keep-serving leaves it up)"))
     except DemoStepFailed as exc:
         print(f"\ngenseg demo: {exc}")
         return exc.rc
@@ -346,8 +418,11 @@ done in {took:.0f}s ({steps}). What was made:
   guidance search   {tune_json} (best {tuned.get('best_sampling')})
   GAN               {gan.get('best_checkpoint')} ({gan_ref}); samples {gan_samples / 'grid.png'}; scores {gan_eval}
   side by side      {both}
+  served            {demo_dir / 'served_synthesis.png'}, {demo_dir / 'served_edit.png'}
 Open the tracking UI with:
   .venv/bin/mlflow ui --backend-store-uri {rt.tracking_uri}
 Sample again, with another guidance weight:
-  .venv/bin/genseg sample {again}""")
+  .venv/bin/genseg sample {again}
+Serve the models with the web page at http://127.0.0.1:8000/ :
+  .venv/bin/genseg serve --segmenter {scorer_ref} --generator {served_ref} --workdir {rt.workdir}""")
     return 0

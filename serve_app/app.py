@@ -13,15 +13,24 @@ from serve_app.api import Api
 from serve_app.deployments import EditorDeployment, GeneratorDeployment, SegmenterDeployment
 from serve_app.options import AppOptions
 
+DEPLOYMENTS = {"Segmenter": SegmenterDeployment, "Generator": GeneratorDeployment, "Editor": EditorDeployment,
+               "Api": Api}
 
-def build_app(args: dict | None = None):
+
+def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
     """The bound application (``args``: :class:`AppOptions` fields).  Deployment options, including
     each model deployment's ``user_config`` (``{"model": REF, "poll_interval_s": S}``, and
     ``max_batch_size`` for the segmenter), come from serve_app/config.yaml; deploying it again with
-    only a user_config changed reaches the running replicas' ``reconfigure``: no restart."""
+    only a user_config changed reaches the running replicas' ``reconfigure``: no restart.
+    From Python, ``deployment_options`` (``{"Segmenter": {"autoscaling_config": {...}}}``) does the same."""
     opts = AppOptions.from_dict(args).resolved()
-    seg = SegmenterDeployment.bind(opts.segmenter, opts.tracking_uri, opts.threads, opts.poll_interval_s,
-                                   opts.max_batch_size, opts.batch_wait_timeout_s)
-    gen = GeneratorDeployment.bind(opts.generator, opts.tracking_uri, opts.threads, opts.poll_interval_s)
-    editor = EditorDeployment.bind(seg, gen)
-    return Api.bind(seg, gen, editor, opts.to_dict())
+    extra = dict(deployment_options or {})
+    unknown = sorted(set(extra) - set(DEPLOYMENTS))
+    if unknown:
+        raise ValueError(f"unknown deployment(s) {', '.join(unknown)}; the app has {', '.join(DEPLOYMENTS)}")
+    d = {name: dep.options(**extra[name]) if name in extra else dep for name, dep in DEPLOYMENTS.items()}
+    seg = d["Segmenter"].bind(opts.segmenter, opts.tracking_uri, opts.threads, opts.poll_interval_s,
+                              opts.max_batch_size, opts.batch_wait_timeout_s)
+    gen = d["Generator"].bind(opts.generator, opts.tracking_uri, opts.threads, opts.poll_interval_s)
+    editor = d["Editor"].bind(seg, gen)
+    return d["Api"].bind(seg, gen, editor, opts.to_dict())

@@ -73,7 +73,7 @@ class SegmenterDeployment(_Served):
         if "max_batch_size" in cfg:
             self.segment_batch.set_max_batch_size(int(cfg["max_batch_size"]))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def segment_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
         # the forward pass runs off the event loop, so health checks and queueing go on meanwhile
         return await asyncio.to_thread(self._segment_many, images)

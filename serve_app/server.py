@@ -50,9 +50,22 @@ def check_models(opts: AppOptions) -> dict:
     return {role: desc for role, (desc, _) in out.items()}
 
 
+def free_port(host: str = "127.0.0.1", preferred: int = 8000) -> int:
+    """``preferred`` when it is free, else any free port."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise ServeError(f"no free TCP port on {host}")
+
+
 def run(rt, opts: AppOptions, host: str = "127.0.0.1", port: int = 8000, detach: bool = False,
-        on_ready=None) -> int:
-    """Serve until interrupted (or, with ``detach`` on a cluster, deploy and return)."""
+        on_ready=None, block: bool = True) -> int:
+    """Serve until interrupted (or, with ``detach`` on a cluster, deploy and return).  ``on_ready(url)``
+    runs once the app answers; with ``block=False`` the app is stopped right after it."""
     import ray
     from ray import serve
 
@@ -81,7 +94,7 @@ def run(rt, opts: AppOptions, host: str = "127.0.0.1", port: int = 8000, detach:
               + ("deployed, leaving it running" if detach else "Ctrl-C to stop"), flush=True)
         if on_ready is not None:
             on_ready(url)
-        if detach:
+        if detach or not block:
             return 0
         while True:
             time.sleep(1)

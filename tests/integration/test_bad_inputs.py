@@ -293,7 +293,7 @@ CASES = [
     Case("sample-steps-over-T", sample(diffusion_checkpoint, "--steps", "51"),
          "steps 51 exceeds the model's 50 training timesteps; use 1..50"),
     Case("sample-guidance-negative", sample(diffusion_checkpoint, "--guidance=-1"), "--guidance"),
-    Case("edit-image-over-pixel-limit", edit("--remove", "sky", image=huge_png), "5000x5000 pixels is over the limit"),
+    Case("edit-image-over-pixel-limit", edit("--remove", "sky", image=huge_png), "5000x5000 pixels (width x height) is over the limit"),
     Case("edit-dpmpp-with-resampling", edit("--remove", "sky", "--sampler", "dpmpp", "--resample", "2"),
          "needs the ddpm or ddim sampler"),
     Case("edit-unknown-class", edit("--remove", "unicorn"), "unknown class 'unicorn'"),

@@ -264,7 +264,7 @@ def _bad_cases(image):
         ("not an image", ("/v1/segment", {"image": ("a.txt", b"hello, not a picture")}, {}), 400,
          "not a readable image"),
         ("corrupt image", ("/v1/segment", {"image": ("a.png", _truncated_png(image))}, {}), 400, "image"),
-        ("over the pixel limit", ("/v1/segment", {"image": ("a.png", png(big))}, {}), 413, "300x300 pixels"),
+        ("over the pixel limit", ("/v1/segment", {"image": ("a.png", png(big))}, {}), 413, "image: 300x300 pixels (width x height) is over the limit of 40,000 pixels"),
         ("over the byte limit", ("/v1/segment", {"image": ("a.png", png(noisy) * 2)}, {}), 413, "over the limit"),
         ("unknown class ids", synth("{}", seven), 422, "label values [7]"),
         ("wrong shape", synth("{}", np.zeros((10, 40), np.uint8)), 422, "does not fit"),

@@ -64,6 +64,24 @@ class FakeCLI:
         return 0
 
 
+class FakeServe:
+    """Stands in for the serving step (a real Serve app is tested in tests/integration/test_serve.py)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, rt, seg_ref, gen_ref, size, demo_dir, keep_serving, port=8000):
+        self.calls.append({"segmenter": seg_ref, "generator": gen_ref, "size": size, "keep": keep_serving})
+        return {"url": "http://127.0.0.1:8000/"}
+
+
+@pytest.fixture(autouse=True)
+def fake_serve(monkeypatch):
+    fake = FakeServe()
+    monkeypatch.setattr("jobs.demo.serve_and_call", fake)
+    return fake
+
+
 @pytest.fixture
 def fake_cli(monkeypatch):
     fake = FakeCLI()
@@ -83,7 +101,8 @@ def test_diffusion_size():
     assert demo.diffusion_size((40, 60)) == (20, 28)        # 20x30 -> multiples of 4 for 3 UNet levels
 
 
-def test_default_size_scores_samples_with_a_segmenter_trained_at_their_resolution(fake_cli, tmp_path, capsys):
+def test_default_size_scores_samples_with_a_segmenter_trained_at_their_resolution(fake_cli, fake_serve, tmp_path,
+                                                                                   capsys):
     assert demo.run(_rt(tmp_path), epochs=6, num=240, size=(64, 96), diffusion_epochs=12) == 0
     cmds = [c for c, _ in fake_cli.calls]
     assert cmds == ["prepare", "train seg", "eval seg", "prepare", "train seg", "train diffusion", "sample",
@@ -116,8 +135,13 @@ def test_default_size_scores_samples_with_a_segmenter_trained_at_their_resolutio
     out = capsys.readouterr().out
     assert "90.0 % of it (n=48)" in out                       # 0.45 / 0.5
     assert "within 2 std of it (unresolved)" in out           # |5.0 - 4.5| < 2 sqrt(2)
-    assert "[12/12]" in out and "done in" in out
+    assert "[13/13]" in out and "done in" in out
     assert "tuned sampling {'sampler': 'ddim', 'steps': 20, 'guidance': 4.0}" in out
+    # the last step serves the scorer (it shares the generator's size and label set) and the version the
+    # guidance search registered (version 2: its tuned settings are the served defaults)
+    assert fake_serve.calls == [{"segmenter": "models:/genseg-segmenter/2", "generator": "models:/genseg-diffusion/2",
+                                 "size": (32, 48), "keep": False}]
+    assert "served at http://127.0.0.1:8000/" in out
 
 
 def test_size_at_the_diffusion_size_uses_one_segmenter(fake_cli, tmp_path):
@@ -185,8 +209,11 @@ def test_a_guidance_search_that_keeps_the_models_settings_registers_nothing(monk
 
     fake = KeepsOwn()
     monkeypatch.setattr("jobs.cli.main", fake)
+    serve = FakeServe()
+    monkeypatch.setattr("jobs.demo.serve_and_call", serve)
     assert demo.run(_rt(tmp_path), size=(32, 48)) == 0
     out = capsys.readouterr().out
     assert "the model's own settings won, so nothing was registered" in out
+    assert serve.calls[0]["generator"] == "models:/genseg-diffusion/1"     # the trained version, untuned
     # the GAN steps still run after it
     assert [c for c, _ in fake.calls][-3:] == ["train gan", "sample", "eval gen"]
