@@ -165,9 +165,9 @@ def replica_rss_mb() -> dict[str, float]:
 def deploy(args, port: int, max_batch: int, seg_autoscaling: dict) -> None:
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import compose
 
-    app = build_app({"segmenter": args.segmenter, "generator": args.generator, "workdir": args.workdir,
+    app = compose({"segmenter": args.segmenter, "generator": args.generator, "workdir": args.workdir,
                      "poll_interval_s": 0, "max_batch_size": max_batch, "max_steps": 50},
                     {"Segmenter": {"autoscaling_config": seg_autoscaling, "max_ongoing_requests": 32}})
     serve.run(app, name="genseg", route_prefix="/")

@@ -17,7 +17,13 @@ DEPLOYMENTS = {"Segmenter": SegmenterDeployment, "Generator": GeneratorDeploymen
                "Api": Api}
 
 
-def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
+def build_app(args: dict | None = None):
+    """The application builder of ``serve run`` / ``serve deploy`` (one parameter: the config's
+    ``args``, :class:`AppOptions` fields)."""
+    return compose(args)
+
+
+def compose(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
     """The bound application (``args``: :class:`AppOptions` fields).  Deployment options, including
     each model deployment's ``user_config`` (``{"model": REF, "poll_interval_s": S}``, and
     ``max_batch_size`` for the segmenter), come from serve_app/config.yaml; deploying it again with

@@ -53,8 +53,11 @@ def test_the_shipped_config_is_a_valid_serve_config_with_valid_app_args():
     app = schema.applications[0]
     assert app.import_path == "serve_app.app:build_app" and doc["http_options"]["host"] == "127.0.0.1"
     AppOptions.from_dict(app.args)                      # every arg is an option the app knows
-    from serve_app.app import DEPLOYMENTS
+    import inspect
 
+    from serve_app.app import DEPLOYMENTS, build_app
+
+    assert len(inspect.signature(build_app).parameters) == 1     # Serve calls an app builder with the args dict
     assert {d.name for d in app.deployments} == set(DEPLOYMENTS)
     for d in doc["applications"][0]["deployments"]:    # fits a 2-core machine: fractional CPUs, bounded replicas
         assert d["ray_actor_options"]["num_cpus"] < 1 and d["autoscaling_config"]["max_replicas"] <= 2
@@ -102,3 +105,41 @@ def test_overlay_blends_class_colours_and_leaves_ignored_pixels():
     labels = np.array([[1, 255], [0, 2]])
     out = overlay(image, labels, PALETTE, alpha=0.5)
     assert out[0, 0].tolist() == [150, 50, 50] and out[0, 1].tolist() == [100, 100, 100]
+
+
+def test_a_gan_is_served_through_the_same_generator_deployment(tmp_path):
+    """The Generator deployment's class (without Serve) on a GAN checkpoint: one-pass generation and
+    inpainting by inversion; the API refuses diffusion-only parameters for it with a 422."""
+    import torch
+
+    from genseg import checkpoint as ck
+    from genseg.config import GANConfig
+    from genseg.generation import SamplingError
+    from genseg.models.dcgan import build_generator
+    from serve_app.api import ApiError, _sampling
+    from serve_app.deployments import GeneratorDeployment
+
+    cfg = GANConfig(image_size=(16, 24), num_classes=3, g_channels=8, d_channels=8, z_dim=16)
+    torch.manual_seed(0)
+    path = ck.save(tmp_path / "gan", build_generator(cfg), cfg, epoch=0, classes={"names": ["a", "b", "c"]})
+    dep = GeneratorDeployment.func_or_class(str(path), f"sqlite:///{tmp_path}/mlflow.db", 1, 0)
+    labels = np.zeros((16, 24), np.int64)
+    labels[8:] = 2
+    img, tag, used = dep.generate(labels, 3, {})
+    again, _, _ = dep.generate(labels, 3, {})
+    assert img.shape == (16, 24, 3) and np.array_equal(img, again) and used == {"truncation": 0.0}
+    assert tag == str(path)
+    with pytest.raises(SamplingError, match="GAN"):
+        dep.generate(labels, 3, {"steps": 3})
+    image = torch.from_numpy(np.full((1, 16, 24, 3), 90, np.uint8))
+    hole = torch.zeros(1, 16, 24, dtype=torch.bool)
+    hole[:, 4:8, 4:10] = True
+    out, _, _ = dep.inpaint(image, hole, torch.from_numpy(labels)[None], 0, 1, {})
+    assert torch.equal(out[~hole], image[~hole])
+    dep.check_health()
+    info = dep.describe()
+    assert info["kind"] == "gan" and info["sampling"] == {"truncation": 0.0}
+    with pytest.raises(ApiError, match="the served generator is a GAN") as e:
+        _sampling({"guidance": 2.0}, info, AppOptions())
+    assert e.value.status == 422
+    assert _sampling({"truncation": 1.5}, info, AppOptions()) == {"truncation": 1.5}
