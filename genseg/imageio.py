@@ -8,6 +8,7 @@ the checks both need: size limits before decoding, one clear error naming what i
 """
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -32,23 +33,30 @@ def _name(source, what: str) -> str:
     return what if isinstance(source, (bytes, bytearray)) else str(source)
 
 
-def read_image(source: bytes | str | Path, *, max_pixels: int = MAX_PIXELS, what: str = "image") -> np.ndarray:
-    """An RGB image from a path or bytes, refusing one over ``max_pixels`` before it is decoded."""
-    name = _name(source, what)
+@contextlib.contextmanager
+def _opened(source: bytes | str | Path, name: str, kind: str, max_pixels: int):
+    """The PIL image of ``source``, refused over ``max_pixels`` before it is decoded; every decoding
+    failure is one :class:`ImageError` naming ``name``."""
     try:
         with _open(source) as im:
             if im.width * im.height > max_pixels:
                 raise ImageError(f"{name}: {im.width}x{im.height} pixels (width x height) is over the limit of "
                                  f"{max_pixels:,} pixels; downscale it first")
-            return np.asarray(im.convert("RGB"))
-    except Image.DecompressionBombError:
-        raise ImageError(f"{name}: the image is over the limit of {max_pixels:,} pixels; downscale it first") from None
+            yield im
     except ImageError:
         raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: the {kind} is over the limit of {max_pixels:,} pixels; downscale it first") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{name}: not a readable image (unknown format or corrupt data)") from None
+        raise ImageError(f"{name}: not a readable {kind} (unknown format or corrupt data)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{name}: not a readable image ({_first(exc)})") from None
+        raise ImageError(f"{name}: not a readable {kind} ({_first(exc)})") from None
+
+
+def read_image(source: bytes | str | Path, *, max_pixels: int = MAX_PIXELS, what: str = "image") -> np.ndarray:
+    """An RGB image from a path or bytes, refusing one over ``max_pixels`` before it is decoded."""
+    with _opened(source, _name(source, what), "image", max_pixels) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def read_label_map(source: bytes | str | Path, num_classes: int, *, ignore_index: int = 255,
@@ -56,28 +64,17 @@ def read_label_map(source: bytes | str | Path, num_classes: int, *, ignore_index
     """Class ids ``(H, W) int64`` from a single-channel PNG of ids (``ignore_index`` = unknown) or,
     when ``palette`` is given, an RGB(A) PNG whose every colour is one of the palette's."""
     name = _name(source, what)
-    try:
-        with _open(source) as im:
-            if im.width * im.height > max_pixels:
-                raise ImageError(f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} pixels")
-            if im.mode == "P":   # a paletted PNG: its indices are the class ids
-                lm = np.asarray(im)
-            elif im.mode in ("RGB", "RGBA") and palette is not None:
-                lm = rgb_to_index(np.asarray(im.convert("RGB")), palette, ignore_index)
-                if (lm < 0).any():
-                    bad = np.asarray(im.convert("RGB"))[lm < 0][:3].tolist()
-                    raise ImageError(f"{name}: {int((lm < 0).sum())} pixels have colours that are not in the "
-                                     f"label set's palette (e.g. {bad}); paint with the class colours only")
-            else:
-                lm = np.asarray(im)
-    except Image.DecompressionBombError:
-        raise ImageError(f"{name}: over the limit of {max_pixels:,} pixels") from None
-    except ImageError:
-        raise
-    except Image.UnidentifiedImageError:
-        raise ImageError(f"{name}: not a readable label map (unknown format or corrupt data)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{name}: not a readable label map ({_first(exc)})") from None
+    with _opened(source, name, "label map", max_pixels) as im:
+        if im.mode == "P":   # a paletted PNG: its indices are the class ids
+            lm = np.asarray(im)
+        elif im.mode in ("RGB", "RGBA") and palette is not None:
+            rgb = np.asarray(im.convert("RGB"))
+            lm = rgb_to_index(rgb, palette, ignore_index)
+            if (lm < 0).any():
+                raise ImageError(f"{name}: {int((lm < 0).sum())} pixels have colours that are not in the label "
+                                 f"set's palette (e.g. {rgb[lm < 0][:3].tolist()}); paint with the class colours only")
+        else:
+            lm = np.asarray(im)
     if lm.ndim != 2:
         raise ImageError(f"{name}: a label map must be a single-channel PNG of class ids"
                          + (" or an RGB PNG in the class colours" if palette is not None else "")
