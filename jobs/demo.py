@@ -211,10 +211,13 @@ def serve_and_call(rt, seg_ref: str, gen_ref: str, size: tuple[int, int], demo_d
         (demo_dir / "served_synthesis.png").write_bytes(r.content)
         print(f"      POST {url}v1/synthesize -> {demo_dir / 'served_synthesis.png'} "
               f"[{calls['synthesize']['ms']:.0f} ms]", flush=True)
+        # remove the smallest object the segmenter found (a car or a person where it sees one)
+        found = sorted((c for c in seg["classes"] if c["share"] > 0), key=lambda c: c["share"])
+        target = next((c["name"] for c in found if c["name"] not in ("sky", "ground", "road")), found[0]["name"])
         r = call("edit", "POST", url + "v1/edit", files={"image": ("scene.png", png(image))},
-                 data={"params": json.dumps({"operation": "remove", "classes": ["car", "person"], "seed": 1})})
+                 data={"params": json.dumps({"operation": "remove", "classes": [target], "seed": 1})})
         (demo_dir / "served_edit.png").write_bytes(r.content)
-        print(f"      POST {url}v1/edit (remove car, person) -> {demo_dir / 'served_edit.png'}, "
+        print(f"      POST {url}v1/edit (remove {target}) -> {demo_dir / 'served_edit.png'}, "
               f"{r.headers.get('X-Genseg-Edited-Pixels')} pixels changed [{calls['edit']['ms']:.0f} ms]", flush=True)
         calls["url"] = url
         if keep_serving:
