@@ -236,8 +236,10 @@ def _log_child(ctx: dict, run_name: str, params: dict, metrics: dict, trial_id: 
 
 # ------------------------------------------------------------------ driver
 
-def _progress_callback(stage: str, metric: str, total: int | None, max_t: int | None):
-    """A Ray Tune callback printing a line per finished trial while the search runs."""
+def _progress_callback(stage: str, metric: str, total: int | None, max_t: int | None, mark=None):
+    """A Ray Tune callback printing a line per finished trial while the search runs; ``mark(trial id,
+    status)`` records the status in the trial's MLflow run as soon as it ends (an interrupted search
+    keeps the statuses of the trials that ended before it)."""
     from ray import tune
 
     class Progress(tune.Callback):
@@ -251,13 +253,22 @@ def _progress_callback(stage: str, metric: str, total: int | None, max_t: int | 
             print(f"[{stage}] trial {self.done}{f'/{total}' if total else ''} {trial.trial_id}: {params} -> {metric} "
                   f"{shown} ({status})", flush=True)
 
+        def _mark(self, trial, status: str) -> None:
+            if mark is not None:
+                try:
+                    mark(trial.trial_id, status)
+                except Exception as exc:   # the status is written again when the stage ends
+                    print(f"[{stage}] could not record {trial.trial_id}'s status in MLflow yet: {exc}", flush=True)
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             it = (trial.last_result or {}).get("training_iteration")
             stopped = max_t is not None and it is not None and it < max_t
             self._line(trial, f"early-stopped after {it} epoch(s)" if stopped else "finished")
+            self._mark(trial, "early-stopped" if stopped else "finished")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trial, f"error: {_last_error_line(trial)}")
+            self._mark(trial, "error")
 
     return Progress()
 
@@ -277,14 +288,23 @@ def _short(v) -> str:
 
 
 def _tuner(trainable, space: SearchSpace, opts: TuneOptions, rt, stage: str, metric: str, mode: str,
-           scheduler=None, total: int | None = None, max_t: int | None = None):
+           scheduler=None, total: int | None = None, max_t: int | None = None, experiment: str | None = None):
     """A new Tuner for ``stage``, or the interrupted one restored (finished trials are kept)."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     storage = rt.workdir / "tune" / opts.name
     exp_dir = storage / stage
-    progress = _progress_callback(stage, metric, total, max_t)
+    mark = None
+    if experiment is not None:
+        lookup = _trial_runs(rt, experiment, opts.name)
+
+        def mark(trial_id: str, status: str) -> None:
+            run_id = lookup(trial_id)
+            if run_id:
+                _finish_children([TrialRow(trial_id, {}, {}, status, mlflow_run_id=run_id)], rt.tracking_uri)
+
+    progress = _progress_callback(stage, metric, total, max_t, mark)
     if tune.Tuner.can_restore(str(exp_dir)):
         print(f"[{stage}] resuming the search in {exp_dir}: finished trials are kept")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -411,7 +431,7 @@ def run_training_stage(task: str, stage: str, opts: TuneOptions, rt, parent_run_
     print(f"[{stage}] {total} trial(s) of {epochs} epoch(s), {opts.search} search over: {space.describe()}; "
           f"ASHA on {metric} ({mode}), grace {max(1, opts.grace_epochs)} epoch(s), reduction factor "
           f"{opts.reduction_factor}")
-    tuner = _tuner(trainable, space, opts, rt, stage, metric, mode, scheduler, total, epochs)
+    tuner = _tuner(trainable, space, opts, rt, stage, metric, mode, scheduler, total, epochs, experiment)
     t0 = time.perf_counter()
     grid = tuner.fit()
     lookup = _trial_runs(rt, experiment, opts.name)
@@ -464,7 +484,8 @@ def run_sampling_stage(opts: TuneOptions, rt, parent_run_id: str, model_dir: Pat
           f"of {opts.data} at {gen.image_size[0]}x{gen.image_size[1]}, seed {opts.seed}")
     print(f"[sampling] objective: {opts.objective.describe()}")
     t0 = time.perf_counter()
-    grid = _tuner(trainable, space, opts, rt, "sampling", "objective", "min", None, total).fit()
+    grid = _tuner(trainable, space, opts, rt, "sampling", "objective", "min", None, total,
+                  experiment="genseg-diffusion").fit()
     seconds = round(time.perf_counter() - t0, 1)
     lookup = _trial_runs(rt, "genseg-diffusion", opts.name)
     keys = ["objective", "fd", "fd_std", "kid", "seg_miou_samples", "seg_miou_fraction_of_ceiling", "feasible",
