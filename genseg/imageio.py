@@ -25,6 +25,10 @@ class ImageError(InputError):
     """An image or label map that cannot be used: unreadable, too large, wrong shape or values."""
 
 
+class ImageTooLarge(ImageError):
+    """Over the pixel limit (refused before decoding; HTTP 413 in the Serve app)."""
+
+
 def _open(source: bytes | str | Path):
     return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
 
@@ -40,13 +44,13 @@ def _opened(source: bytes | str | Path, name: str, kind: str, max_pixels: int):
     try:
         with _open(source) as im:
             if im.width * im.height > max_pixels:
-                raise ImageError(f"{name}: {im.width}x{im.height} pixels (width x height) is over the limit of "
+                raise ImageTooLarge(f"{name}: {im.width}x{im.height} pixels (width x height) is over the limit of "
                                  f"{max_pixels:,} pixels; downscale it first")
             yield im
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"{name}: the {kind} is over the limit of {max_pixels:,} pixels; downscale it first") from None
+        raise ImageTooLarge(f"{name}: the {kind} is over the limit of {max_pixels:,} pixels; downscale it first") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable {kind} (unknown format or corrupt data)") from None
     except (OSError, SyntaxError, ValueError) as exc:

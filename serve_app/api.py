@@ -33,6 +33,7 @@ from genseg.editing import EditOptions
 from genseg.errors import InputError
 from genseg.viz import overlay
 from serve_app.options import AppOptions
+from serve_app.slot import tag
 
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
@@ -164,7 +165,7 @@ def _image(data: bytes, field: str, opts: AppOptions) -> np.ndarray:
     try:
         return imageio.read_image(data, max_pixels=opts.max_pixels, what=field)
     except imageio.ImageError as exc:
-        status = 413 if "over the limit" in str(exc) else 400
+        status = 413 if isinstance(exc, imageio.ImageTooLarge) else 400
         raise ApiError(status, str(exc), field) from None
 
 
@@ -242,7 +243,7 @@ def _label_map(data: bytes, field: str, info: dict, opts: AppOptions, size: tupl
         lm = imageio.read_label_map(data, info["num_classes"], palette=_palette(info), max_pixels=opts.max_pixels,
                                     what=field)
     except imageio.ImageError as exc:
-        status = 413 if "over the limit" in str(exc) else 422
+        status = 413 if isinstance(exc, imageio.ImageTooLarge) else 422
         raise ApiError(status, str(exc), field) from None
     if size is not None:
         want, got = size[1] / size[0], lm.shape[1] / lm.shape[0]
@@ -257,10 +258,6 @@ def _palette(info: dict):
     return info.get("palette") or default_palette(info["num_classes"])
 
 
-def _tag(info: dict) -> str:
-    if info.get("name") and info.get("version") is not None:
-        return f"{info['name']}/{info['version']}"
-    return str(info.get("ref"))
 
 
 def _png(array: np.ndarray, headers: dict) -> Response:
@@ -322,7 +319,7 @@ class Api:
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc).splitlines()[0] if str(exc) else
                                  type(exc).__name__}, status_code=503)
-        return {"status": "ok", "segmenter": _tag(info["segmenter"]), "generator": _tag(info["generator"])}
+        return {"status": "ok", "segmenter": tag(info["segmenter"]), "generator": tag(info["generator"])}
 
     @app.get("/v1/models", summary="the served models: names, versions, run ids, sampling settings")
     async def models(self):

@@ -28,12 +28,17 @@ def identity(model) -> dict:
             "run_id": getattr(model, "run_id", None), "ref": getattr(model, "ref", None)}
 
 
-def header_value(model) -> str:
-    """``genseg-segmenter/3`` for a registry version, else the REF (a checkpoint directory or run id)."""
-    ident = identity(model)
-    if ident["name"] and ident["version"] is not None:
+def tag(ident: dict) -> str:
+    """``genseg-segmenter/3`` for a registry version, else the REF (a checkpoint directory or run id);
+    ``ident`` is :func:`identity` or a replica's ``describe()``."""
+    if ident.get("name") and ident.get("version") is not None:
         return f"{ident['name']}/{ident['version']}"
-    return str(ident["ref"])
+    return str(ident.get("ref"))
+
+
+def header_value(model) -> str:
+    """The tag of a loaded model (the response header)."""
+    return tag(identity(model))
 
 
 class ModelSlot:
