@@ -9,8 +9,8 @@
 
 Every bad request gets a 4xx with a JSON body ``{"error": ..., "field": ..., "request_id": ...}``
 and the replica goes on serving; a request that runs past its time limit gets a 504.  Each response
-names the model version(s) that produced it (``X-Genseg-Model``, ``X-Genseg-Generator``) and
-carries Serve's request id (``X-Request-Id``), which the replicas' log lines repeat.
+names the model version(s) that produced it (``X-Genseg-Model``, ``X-Genseg-Generator``; a
+segmentation also the size of the batch it rode in, ``X-Genseg-Batch``) and carries Serve's request id (``X-Request-Id``), which the replicas' log lines repeat.
 """
 # no `from __future__ import annotations`: FastAPI reads the route signatures' types at run time
 import asyncio
@@ -276,6 +276,16 @@ class Api:
         self.seg, self.gen, self.editor = segmenter, generator, editor
         self._info: dict = {}
         self._info_at = 0.0
+        # /v1/segment requests are batched here, before the hop to the Segmenter: each hop is an
+        # actor call that costs about as much CPU as the forward pass of a small image.  Several
+        # batches are in flight at once, so the hops overlap and autoscaled Segmenters share them.
+        self._segment_batch.set_max_batch_size(self.opts.max_batch_size)
+        self._segment_batch.set_batch_wait_timeout_s(self.opts.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
+    async def _segment_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, str, int]]:
+        out = await self.seg.segment_many.remote(images)
+        return [(labels, tag, len(images)) for labels, tag in out]
 
     async def _call(self, response, timeout: float, what: str):
         """Await a deployment call with a time limit; a model's own input error becomes a 422."""
@@ -340,8 +350,9 @@ class Api:
             raise ApiError(422, f"format must be png, json or overlay, got {format!r}", "format")
         timeout = self._timeout(timeout_s, self.opts.segment_timeout_s)
         img = _image(await _read_upload(image, "image"), "image", self.opts)
-        labels, tag = await self._call(self.seg.segment.remote(img), timeout, "segmentation")
-        headers = {"X-Genseg-Model": tag}
+        labels, tag, batch = await self._call(asyncio.ensure_future(self._segment_batch(img)), timeout,
+                                              "segmentation")
+        headers = {"X-Genseg-Model": tag, "X-Genseg-Batch": str(batch)}
         if format == "png":
             return _png(labels.astype(np.uint8), headers)
         info = (await self._models())["segmenter"]

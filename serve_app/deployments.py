@@ -1,6 +1,8 @@
 """The model deployments: thin Ray Serve wrappers; the model code stays in genseg/.
 
-* :class:`SegmenterDeployment` - segmentation, batched with ``@serve.batch``.
+* :class:`SegmenterDeployment` - segmentation: ``segment_many`` takes a batch the ingress gathered
+  (one actor call per batch, not per request); ``segment`` batches single-image calls (the Editor's)
+  with ``@serve.batch``.
 * :class:`GeneratorDeployment` - generation and inpainting (a diffusion model or a GAN, whichever
   REF it is given: both implement ``genseg.generation.Generator``).
 * :class:`EditorDeployment` - object removal and background replacement, composed from the two
@@ -58,7 +60,7 @@ class _Served:
 
 @serve.deployment(name="Segmenter", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
                   health_check_period_s=30, health_check_timeout_s=30,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                       "upscale_delay_s": 5, "downscale_delay_s": 30})
 class SegmenterDeployment(_Served):
     def __init__(self, ref: str, tracking_uri: str, threads: int = 1, poll_interval_s: float = 30.0,
@@ -94,6 +96,10 @@ class SegmenterDeployment(_Served):
 
     async def segment(self, image: np.ndarray) -> tuple[np.ndarray, str]:
         return await self.segment_batch(image)
+
+    async def segment_many(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
+        """A batch gathered by the caller (the ingress): one call, one forward pass per image size."""
+        return await asyncio.to_thread(self._segment_many, images)
 
     def check_health(self) -> None:
         labels = self.slot.model.segment_batch(np.zeros((1, 32, 32, 3), np.uint8))

@@ -32,7 +32,7 @@ class AppOptions:
     max_guidance: float = 50.0
     segment_timeout_s: float = 30.0          # a request still running after this gets a 504
     generate_timeout_s: float = 300.0        # synthesize and edit
-    max_batch_size: int = 8                  # segmentation requests batched per forward pass (1 = off)
+    max_batch_size: int = 8                  # /v1/segment requests batched per hop and forward pass (1 = off)
     batch_wait_timeout_s: float = 0.005     # how long a lone request waits for company
     threads: int = 1                         # torch threads per model replica
 
