@@ -35,6 +35,45 @@ def default_tracking_uri(workdir: str | Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+class TrackingServerError(InputError):
+    """An http(s) tracking URI that does not answer as an MLflow server."""
+
+
+def bounded_retries() -> None:
+    """MLflow retries a failing HTTP request for minutes by default (7 retries, 120 s timeouts); a
+    server that went away should end a command within a minute.  The user's own settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """For an http(s) tracking URI: one request to the server's ``/health`` (a few seconds at
+    most), so a wrong or unreachable URI is one line naming it, not minutes of retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    bounded_retries()
+    where = f"the MLflow tracking server {uri} (--tracking-uri / $MLFLOW_TRACKING_URI)"
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            body = r.read(64).decode(errors="replace").strip()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise TrackingServerError(f"{where} refused us (HTTP {exc.code}): set MLFLOW_TRACKING_USERNAME and "
+                                      f"MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN") from None
+        raise TrackingServerError(f"{where} answered HTTP {exc.code} to /health: is it an MLflow server "
+                                  f"(`mlflow server`)?") from None
+    except (urllib.error.URLError, OSError) as exc:
+        why = getattr(exc, "reason", None) or exc
+        why = getattr(why, "strerror", None) or str(why) or type(exc).__name__
+        raise TrackingServerError(f"cannot reach {where}: {why}") from None
+    if body != "OK":
+        raise TrackingServerError(f"{where} answered /health with {body[:40]!r}, not MLflow's 'OK': is it an "
+                                  f"MLflow server?")
+
+
 def setup(workdir: str | Path, tracking_uri: str | None = None) -> str:
     import mlflow
 
@@ -52,6 +91,8 @@ def experiment_id(name: str, workdir: str | Path) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return mlflow.create_experiment(name)   # the server's artifact store (`--artifacts-destination`)
     location = (Path(workdir).resolve() / "mlartifacts" / name).as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
 

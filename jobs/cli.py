@@ -44,6 +44,21 @@ def _whole(minimum: int):
 _count, _count0 = _whole(1), _whole(0)
 
 
+def _workers(text: str):
+    """``N`` workers, or ``MIN-MAX`` for an elastic run -> int or (min, max)."""
+    lo, sep, hi = text.partition("-")
+    try:
+        a = _count(lo)
+        if not sep:
+            return a
+        b = _count(hi)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--workers: expected N or MIN-MAX (e.g. 2 or 1-4), got {text!r}") from None
+    if a > b:
+        raise argparse.ArgumentTypeError(f"--workers {text}: MIN is larger than MAX")
+    return a if a == b else (a, b)
+
+
 def _steps(text: str) -> int:
     v = _count(text)
     if v > 10_000:   # the model's own T is checked when it is loaded
@@ -135,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on Ray Train")
     p.add_argument("task", choices=("seg", "diffusion", "gan"))
     p.add_argument("--data", required=True, help="shard directory from `genseg prepare`")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=_workers, default=2,
+                   help="Ray Train workers: N, or MIN-MAX for an elastic run that shrinks when workers or nodes "
+                        "are lost and grows back when they return (default 2)")
+    p.add_argument("--spread", action="store_true", help="place the workers on as many nodes as possible "
+                                                         "(default: pack them)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, autocast")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -265,6 +284,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ray-address: deploy onto the cluster and return, leaving the app running")
     _runtime_flags(p)
 
+    p = sub.add_parser("submit", help="run a genseg command on a Ray cluster as a Ray Job; stream its output",
+                       usage="genseg submit [--address URL] [options] -- COMMAND [ARGS ...]",
+                       description="Ship this source tree (without .venv, run outputs, caches, data) as the job's "
+                                   "working_dir, run `genseg COMMAND ...` there, stream its output and exit with the "
+                                   "job's status (0 succeeded, 1 failed, 130 stopped).")
+    p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS, "
+                                     "else http://127.0.0.1:8265)")
+    p.add_argument("--workdir", help="the job's workdir, a path the cluster's nodes share (default: this machine's "
+                                     "workdir, absolute)")
+    p.add_argument("--tracking-uri", help="the job's MLflow URI; on a cluster an `mlflow server`, http://HOST:5000 "
+                                          "(default: this machine's)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for the job")
+    p.add_argument("--python", default="python", help="the python the head runs the job with (default: python "
+                                                       "on the head's PATH)")
+    p.add_argument("--job-id", help="the job's submission id (default: Ray picks one)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="the genseg command to run, e.g. -- train seg --data /shared/shards")
+    p.set_defaults(ray_address=None)
+
+    p = sub.add_parser("jobs", help="list, follow or stop the genseg jobs on a Ray cluster")
+    p.add_argument("action", choices=("list", "logs", "stop"))
+    p.add_argument("id", nargs="?", help="the job's id (logs, stop)")
+    p.add_argument("--address", help="the cluster's dashboard (default $RAY_API_SERVER_ADDRESS, else "
+                                     "http://127.0.0.1:8265)")
+    p.add_argument("--follow", "-f", action="store_true", help="logs: stream until the job ends")
+    p.set_defaults(ray_address=None, workdir=None, tracking_uri=None)
+
     p = sub.add_parser("demo", help="synthetic data -> segmentation, diffusion and GAN training -> eval -> samples "
                                     "-> serving")
     p.add_argument("--epochs", type=int, default=8, help="segmentation epochs")
@@ -347,8 +394,6 @@ def cmd_train(args, rt) -> int:
     from pipelines.shards import check_split
 
     cfg = task_config(args)
-    if args.workers < 1:
-        raise UsageError("--workers must be >= 1")
     for split in ("train", "val"):   # before Ray starts: a missing, empty, corrupted or label-less split
         check_split(args.data, split, need_labels=args.task == "seg")
     if args.task == "seg":
@@ -367,7 +412,7 @@ def cmd_train(args, rt) -> int:
             prepare_tracking(rt, job.TASK.experiment)
             init_ray(rt)
             common = dict(workers=args.workers, gpu=args.gpu, run_name=run_name, max_failures=args.max_failures,
-                          cpus_per_worker=args.cpus_per_worker, promote=args.promote)
+                          cpus_per_worker=args.cpus_per_worker, promote=args.promote, spread=args.spread)
             extra = {"class_weights": args.class_weights} if args.task == "seg" else {}
             summary = interruptible(job.run, args.data, cfg, rt, **extra, **common)
         except KeyboardInterrupt:
@@ -602,6 +647,18 @@ def cmd_serve(args, rt) -> int:
     return server.run(rt, opts, host=args.host, port=args.port, detach=args.detach)
 
 
+def cmd_submit(args, rt) -> int:
+    from jobs.submit import submit
+
+    return submit(args, rt)
+
+
+def cmd_jobs(args, rt) -> int:
+    from jobs.submit import jobs_command
+
+    return jobs_command(args, rt)
+
+
 def cmd_demo(args, rt) -> int:
     from jobs import demo
 
@@ -618,7 +675,7 @@ class Interrupted(Exception):
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "edit": cmd_edit,
-            "tune": cmd_tune, "serve": cmd_serve, "demo": cmd_demo}
+            "tune": cmd_tune, "serve": cmd_serve, "demo": cmd_demo, "submit": cmd_submit, "jobs": cmd_jobs}
 
 
 def _known_errors() -> tuple[type, ...]:
@@ -635,6 +692,10 @@ def _preflight(args, rt) -> None:
     for segmentation scores, at least one labelled pixel)."""
     from pipelines.shards import check_split
 
+    if args.command not in ("submit", "jobs"):
+        from genseg.tracking import check_server
+
+        check_server(rt.tracking_uri)
     if args.command in ("prepare", "train", "tune", "demo") and rt.ray_address not in (None, "auto", "local"):
         from jobs.runtime import check_reachable
 

@@ -9,6 +9,7 @@ pictures from rank 0, and report each epoch with a checkpoint.  A task supplies 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import sys
@@ -60,10 +61,15 @@ class WorkerSession:
         if getattr(self.cfg, "threads_per_worker", 0):
             torch.set_num_threads(self.cfg.threads_per_worker)
         self.device = ray.train.torch.get_device()
+        if self.rt.get("elastic") and self.rt.get("train_names"):   # this attempt's group size, not the largest
+            self.rt["steps_per_epoch"] = max(1, len(self.rt["train_names"]) // self.world // self.cfg.batch_size)
         self._client = None
         if self.rank == 0 and self.rt.get("mlflow_run_id"):
             from mlflow.tracking import MlflowClient
 
+            from genseg.tracking import bounded_retries
+
+            bounded_retries()
             self._client = MlflowClient(tracking_uri=self.rt["tracking_uri"])
 
     @staticmethod
@@ -148,7 +154,7 @@ class WorkerSession:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
+        ms = [Metric(k, float(v), now, epoch) for k, v in {**metrics, "workers": self.world}.items()
               if isinstance(v, (int, float)) and np.isfinite(v)]
         self._client.log_batch(self.rt["mlflow_run_id"], metrics=ms)
         if picture is not None:
@@ -209,6 +215,21 @@ def _named(models) -> dict:
 
 # ------------------------------------------------------------------ driver side
 
+def _resize_interval(elastic: bool) -> dict:
+    """How often an elastic run checks whether it can grow (Ray's default 60 s;
+    ``$GENSEG_ELASTIC_RESIZE_S`` sets it: each growth restarts the group from the latest checkpoint)."""
+    text = os.environ.get("GENSEG_ELASTIC_RESIZE_S", "").strip()
+    if not elastic or not text:
+        return {}
+    try:
+        value = float(text)
+        if value <= 0:
+            raise ValueError
+    except ValueError:
+        raise config_lib.ConfigError(f"GENSEG_ELASTIC_RESIZE_S={text!r}: expected seconds > 0") from None
+    return {"elastic_resize_monitor_interval_s": value}
+
+
 def check_resumable(task: Task, run_dir: Path, cfg: Any, run_name: str) -> None:
     """A re-run continues the saved weights, so the model it builds must be the same one."""
     # checkpoint_<timestamp> directories (not Ray's checkpoint_manager_snapshot.json), oldest first
@@ -235,7 +256,18 @@ def check_splits(data_dir: Path, manifest: dict) -> None:
             raise config_lib.ConfigError(f"{data_dir} has no '{split}' split (has: {', '.join(manifest['splits'])})")
 
 
-def steps_per_epoch(n_train: int, workers: int, batch_size: int) -> int:
+def most_workers(workers: int | tuple[int, int]) -> int:
+    """The largest worker group of a fixed (``N``) or elastic (``(MIN, MAX)``) run."""
+    return max(workers) if isinstance(workers, (tuple, list)) else int(workers)
+
+
+def describe_workers(workers: int | tuple[int, int]) -> str:
+    return f"{workers[0]}-{workers[1]}" if isinstance(workers, (tuple, list)) else str(workers)
+
+
+def steps_per_epoch(n_train: int, workers: int | tuple[int, int], batch_size: int) -> int:
+    """Optimizer steps per epoch for each worker (of the largest group, for an elastic run)."""
+    workers = most_workers(workers)
     per_worker = n_train // workers
     if per_worker < batch_size:
         raise config_lib.ConfigError(
@@ -288,11 +320,16 @@ def fit(task: Task, data: str, cfg: Any, rt, build_config: Callable[[dict, Any, 
 def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict, *, workers: int = 2,
         gpu: bool = False, run_name: str | None = None, max_failures: int = 0, cpus_per_worker: float = 1.0,
         register: bool = True, promote: bool = False, log=print, callbacks: list | None = None,
-        tags: dict | None = None) -> dict:
+        tags: dict | None = None, spread: bool = False) -> dict:
     """Fit ``task`` and return a summary (run ids, best score, checkpoint paths, registry outcome).
 
     ``callbacks`` are Ray Train user callbacks (a Tune trial passes ``TuneReportCallback``);
-    ``tags`` go on the MLflow run when it is created (a Tune trial names its parent run)."""
+    ``tags`` go on the MLflow run when it is created (a Tune trial names its parent run).
+    ``workers`` is a count or ``(MIN, MAX)``: an elastic run that Ray Train shrinks when workers or
+    nodes are lost and grows again when resources return, each time from the latest checkpoint
+    (each worker then recomputes its steps per epoch for the new group size; the ``workers``
+    metric of every epoch says how many there were).  ``spread`` places the workers on as many
+    nodes as it can (``placement_strategy="SPREAD"``) instead of packing them."""
     from mlflow.tracking import MlflowClient
 
     from genseg import tracking
@@ -302,18 +339,22 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     check_resumable(task, rt.workdir / "ray" / run_name, cfg, run_name)
     tracking.setup(rt.workdir, rt.tracking_uri)
     exp_id = tracking.experiment_id(task.experiment, rt.workdir)
-    params = {**config_lib.asdict(cfg), "data": str(data_dir), "workers": workers, "gpu": gpu}
+    params = {**config_lib.asdict(cfg), "data": str(data_dir), "workers": describe_workers(workers), "gpu": gpu}
     run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, params,
                                                    tags={"genseg.job": f"train {task.name}", **(tags or {})})
     log(f"{'resuming' if resumed else 'starting'} {task.name} run '{run_name}' (MLflow run {run_id}), "
-        f"{workers} worker(s), {runtime.get('steps_per_epoch')} steps/epoch")
+        f"{describe_workers(workers)} worker(s), {runtime.get('steps_per_epoch')} steps/epoch")
+    elastic = isinstance(workers, (tuple, list))
 
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}
     trainer = TorchTrainer(
         task.loop,
         train_loop_config={"cfg": config_lib.asdict(cfg), "runtime": {
-            **runtime, "classes": manifest["classes"], "mlflow_run_id": run_id, "tracking_uri": rt.tracking_uri}},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
+            **runtime, "classes": manifest["classes"], "mlflow_run_id": run_id, "tracking_uri": rt.tracking_uri,
+            "elastic": elastic}},
+        scaling_config=ScalingConfig(num_workers=tuple(workers) if elastic else workers, use_gpu=gpu,
+                                     resources_per_worker=resources, placement_strategy="SPREAD" if spread else "PACK",
+                                     **_resize_interval(elastic)),
         run_config=RunConfig(
             name=run_name, storage_path=str(rt.workdir / "ray"), callbacks=list(callbacks or []),
             failure_config=FailureConfig(max_failures=max_failures),
