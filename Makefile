@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/genseg demo
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=20
 
 # The web page's test drives Debian's headless Chromium (no browser download at test time).
 chromium:

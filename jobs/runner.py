@@ -337,6 +337,8 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     check_splits(data_dir, manifest)
     run_name = run_name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_resumable(task, rt.workdir / "ray" / run_name, cfg, run_name)
+    elastic = isinstance(workers, (tuple, list))
+    resize = _resize_interval(elastic)          # a bad setting is refused before the MLflow run exists
     tracking.setup(rt.workdir, rt.tracking_uri)
     exp_id = tracking.experiment_id(task.experiment, rt.workdir)
     params = {**config_lib.asdict(cfg), "data": str(data_dir), "workers": describe_workers(workers), "gpu": gpu}
@@ -344,7 +346,6 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
                                                    tags={"genseg.job": f"train {task.name}", **(tags or {})})
     log(f"{'resuming' if resumed else 'starting'} {task.name} run '{run_name}' (MLflow run {run_id}), "
         f"{describe_workers(workers)} worker(s), {runtime.get('steps_per_epoch')} steps/epoch")
-    elastic = isinstance(workers, (tuple, list))
 
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}
     trainer = TorchTrainer(
@@ -354,7 +355,7 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
             "elastic": elastic}},
         scaling_config=ScalingConfig(num_workers=tuple(workers) if elastic else workers, use_gpu=gpu,
                                      resources_per_worker=resources, placement_strategy="SPREAD" if spread else "PACK",
-                                     **_resize_interval(elastic)),
+                                     **resize),
         run_config=RunConfig(
             name=run_name, storage_path=str(rt.workdir / "ray"), callbacks=list(callbacks or []),
             failure_config=FailureConfig(max_failures=max_failures),
