@@ -89,6 +89,9 @@ def client(address: str | None):
 
     token = _token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    # Ray's client lets $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS override the address it is given (e.g.
+    # one a local genseg command set in this environment): the address chosen here must win
+    os.environ["RAY_API_SERVER_ADDRESS"] = addr
     try:
         return JobSubmissionClient(addr, headers=headers)
     except Exception as exc:   # a 401/403, or something at that port that is not a Ray dashboard

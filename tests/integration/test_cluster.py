@@ -137,6 +137,9 @@ def genseg(cluster, *argv, timeout=600):
     """`genseg submit` (or `genseg jobs`) as a user runs it, with the cluster's address."""
     env = {k: v for k, v in cluster["env"].items() if k != "PATH"}
     env["PATH"] = os.environ.get("PATH", "")
+    # another Ray's address in the environment (Ray's client prefers it to the one it is given):
+    # --address must still win
+    env["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"
     cmd, rest = argv[0], list(argv[1:])
     if cmd == "submit":
         rest = ["--address", cluster["dashboard"], "--workdir", str(cluster["workdir"]),

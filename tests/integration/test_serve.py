@@ -323,6 +323,10 @@ def test_a_request_past_its_time_limit_gets_a_504(app, image):
                       data={"params": '{"steps": 20}'}, timeout=60)
     assert r.status_code == 504 and "did not finish within 0.001 s" in r.json()["error"]
     seg_ok(app, image)
+    # a segmentation cut while its batch runs: the batch goes on for the others, and the next one works
+    r = requests.post(app["url"] + "/v1/segment?timeout_s=0.001", files={"image": ("a.png", png(image))}, timeout=60)
+    assert r.status_code == 504 and "segmentation did not finish" in r.json()["error"]
+    seg_ok(app, image)
 
 
 # ------------------------------------------------------------------ a new champion, noticed by the app
