@@ -62,7 +62,7 @@ class WorkerSession:
             torch.set_num_threads(self.cfg.threads_per_worker)
         self.device = ray.train.torch.get_device()
         if self.rt.get("elastic") and self.rt.get("train_names"):   # this attempt's group size, not the largest
-            self.rt["steps_per_epoch"] = max(1, len(self.rt["train_names"]) // self.world // self.cfg.batch_size)
+            self.rt["steps_per_epoch"] = steps_per_epoch(len(self.rt["train_names"]), self.world, self.cfg.batch_size)
         self._client = None
         if self.rank == 0 and self.rt.get("mlflow_run_id"):
             from mlflow.tracking import MlflowClient
@@ -121,8 +121,24 @@ class WorkerSession:
             meta["extra_state"] = {k: v for k, v in state.items()
                                    if k not in ("optimizers", "schedulers", "epoch", "rng", "scaler")}
             start = int(state.get("epoch", ck.epoch)) + 1
+        self._align_schedulers(schedulers or {}, start)
         self._restore_rngs(state.get("rng") or [], rngs or {}, start)
         return start, meta
+
+    def _align_schedulers(self, schedulers: dict, start: int) -> None:
+        """Put each per-step LR schedule at ``start`` epochs of *this* attempt's steps per epoch.
+
+        The saved step counter is the right position only while the steps per epoch stay the same;
+        an elastic run that resumed on fewer (or more) workers takes more (fewer) steps per epoch, and
+        its schedule (built for this attempt's steps) must stand at the same share of the run."""
+        step = start * int(self.rt.get("steps_per_epoch") or 0)
+        for sched in schedulers.values():
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR) and step and sched.last_epoch != step:
+                sched.last_epoch = step
+                lrs = [base * lam(step) for base, lam in zip(sched.base_lrs, sched.lr_lambdas)]
+                for group, lr in zip(sched.optimizer.param_groups, lrs):
+                    group["lr"] = lr
+                sched._last_lr = lrs
 
     def _restore_rngs(self, per_rank: list, rngs: dict, start: int) -> None:
         """This rank's saved generator states; without one (an older checkpoint, or more workers

@@ -217,12 +217,19 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
     host, sep, port = rest.rstrip("/").rpartition(":")
     if not sep or not host or not port.isdigit():
         raise RayAddressError(f"--ray-address {address}: expected HOST:PORT, e.g. 10.0.0.5:6379 or ray://HOST:10001")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as exc:
-        why = exc.strerror or str(exc) or type(exc).__name__
+    why = unreachable(host.strip("[]"), int(port), timeout)
+    if why:
         raise RayAddressError(f"cannot reach a Ray cluster at {address} (--ray-address / $RAY_ADDRESS): "
-                              f"{host}:{port} does not answer ({why}); is the cluster running?") from None
+                              f"{host}:{port} does not answer ({why}); is the cluster running?")
+
+
+def unreachable(host: str, port: int, timeout: float = 3.0) -> str | None:
+    """Why a short TCP connect to ``host:port`` fails, or None when something answers."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
 
 
 def _start_local(num_cpus: int | None) -> None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import socket
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 from genseg.errors import InputError
+from jobs.runtime import unreachable
 
 # what a job never needs from the source tree (Ray's own exclusion syntax: gitignore-style patterns)
 EXCLUDES = [".git", ".venv", "venv", "**/__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".mypy_cache",
@@ -80,11 +80,10 @@ def client(address: str | None):
     addr = address_of(address)
     u = urlparse(addr)
     port = u.port or (443 if u.scheme == "https" else 80)
-    try:
-        socket.create_connection((u.hostname, port), timeout=5).close()
-    except OSError as exc:
+    why = unreachable(u.hostname, port, timeout=5)
+    if why:
         raise JobError(f"cannot reach the Ray cluster's dashboard at {addr} (--address): "
-                       f"{exc.strerror or exc}; is the cluster running (`ray start --head`)?") from None
+                       f"{why}; is the cluster running (`ray start --head`)?")
     from ray.job_submission import JobSubmissionClient
 
     token = _token()

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,18 +21,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from genseg import checkpoint as ck
+from serve_app.server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--batch-size", "4", "--set", "width=8", "--set", "image_every=100"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 2.0):
@@ -84,7 +78,7 @@ def cluster():
            "RAY_DEDUP_LOGS": "0"}
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "GENSEG_WORKDIR"):
         env.pop(var, None)
-    gcs, dash, client, mlflow_port = free_port(), free_port(), free_port(), free_port()
+    gcs, dash, client, mlflow_port = free_port(preferred=0), free_port(preferred=0), free_port(preferred=0), free_port(preferred=0)
     logs = root / "logs"
     logs.mkdir()
     procs: dict[str, subprocess.Popen] = {}
@@ -100,14 +94,14 @@ def cluster():
                          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"])
         start("head", [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=3",
                        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                       f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={free_port()}",
+                       f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={free_port(preferred=0)}",
                        f"--temp-dir={root}/ray", "--disable-usage-stats"])
         dashboard = f"http://127.0.0.1:{dash}"
         _wait("the head", lambda: _alive_nodes(dashboard) == 1, 120, [procs["head"]])
 
         def add_node():
             start("node2", [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=3",
-                            "--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}",
+                            "--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={free_port(preferred=0)}",
                             "--disable-usage-stats"])
             _wait("the second node", lambda: _alive_nodes(dashboard) == 2, 120, [procs["node2"]])
 
@@ -415,10 +409,10 @@ def test_a_cluster_with_token_authentication_takes_the_token_and_refuses_without
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "GENSEG_WORKDIR"):
         env.pop(var, None)
-    dash = free_port()
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
+    dash = free_port(preferred=0)
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port(preferred=0)}", "--num-cpus=2",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                             f"--ray-client-server-port={free_port(preferred=0)}", f"--dashboard-agent-listen-port={free_port(preferred=0)}",
                              f"--temp-dir={root}/ray", "--disable-usage-stats"],
                             env=env, cwd=root, stdout=open(root / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -20,17 +20,12 @@ from genseg.editing import dilate
 from genseg.loading import load
 from genseg.models import build_segmenter
 from genseg.models.unet import build_diffusion_model
+from serve_app.server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CLASSES = {"names": ["sky", "road", "car"], "palette": [[135, 190, 235], [90, 90, 95], [220, 200, 30]]}
 GEN_SIZE = (16, 20)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(array: np.ndarray) -> bytes:
@@ -119,6 +114,11 @@ def config_for(store, port: int, segmenter_user_config: dict | None = None) -> d
     for d in app["deployments"]:
         if d["name"] == "Segmenter":
             d["user_config"] = segmenter_user_config or {"poll_interval_s": 1, "max_batch_size": 4}
+            # one replica, always: the tests compare replica PIDs before and after a reconfigure, and
+            # an earlier test's load must not leave a second replica starting (autoscaling is measured
+            # in bench/serve_load.py)
+            d.pop("autoscaling_config", None)
+            d["num_replicas"] = 1
         elif d["name"] == "Generator":
             d["user_config"] = {"poll_interval_s": 1}
     return config
@@ -128,7 +128,7 @@ def config_for(store, port: int, segmenter_user_config: dict | None = None) -> d
 def app(ray_cluster, store):
     from ray import serve
 
-    port = free_port()
+    port = free_port(preferred=0)
     deploy(config_for(store, port))
     yield {"url": f"http://127.0.0.1:{port}", "port": port, **store}
     serve.shutdown()
@@ -447,7 +447,7 @@ def test_genseg_serve_refuses_a_busy_port_and_a_missing_model_before_starting_ra
         port = s.getsockname()[1]
         r = _genseg("serve", "--port", str(port), "--workdir", str(store["root"]), "--tracking-uri", store["uri"])
     assert r.returncode == 1 and f"127.0.0.1:{port} is in use" in r.stderr and "Traceback" not in r.stderr
-    r = _genseg("serve", "--port", str(free_port()), "--segmenter", "models:/no-such-model@champion",
+    r = _genseg("serve", "--port", str(free_port(preferred=0)), "--segmenter", "models:/no-such-model@champion",
                 "--workdir", str(store["root"]), "--tracking-uri", store["uri"])
     assert r.returncode == 1 and "models:/no-such-model@champion" in r.stderr and "not found" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -460,7 +460,7 @@ def test_genseg_serve_answers_then_stops_cleanly_on_sigterm(store, tmp_path):
 
     import psutil
 
-    port = free_port()
+    port = free_port(preferred=0)
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--port", str(port), "--workdir",

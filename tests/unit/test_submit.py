@@ -2,7 +2,6 @@
 environment it gets, and the one-line failures (an unreachable dashboard, an unreachable or
 non-MLflow tracking server, `--workers` ranges)."""
 import http.server
-import socket
 import subprocess
 import sys
 import threading
@@ -13,16 +12,11 @@ from pathlib import Path
 import pytest
 
 from jobs import submit
+from serve_app.server import free_port
 from jobs.cli import _workers, build_parser
 from jobs.runner import describe_workers, steps_per_epoch
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_job_ships_code_and_configs_but_no_venv_outputs_caches_or_data(tmp_path):
@@ -109,7 +103,7 @@ def _genseg(*argv, timeout=60):
 
 
 def test_an_unreachable_cluster_is_one_line_and_nothing_is_submitted():
-    port = closed_port()
+    port = free_port(preferred=0)
     r, took = _genseg("submit", "--address", f"http://127.0.0.1:{port}", "--", "prepare", "--source", "synthetic",
                       "--out", "/tmp/never")
     assert r.returncode == 1 and took < 30
@@ -156,13 +150,13 @@ def test_tracking_server_check(http_server):
     check_server("sqlite:///nowhere/mlflow.db")           # not a server: nothing to check
     with pytest.raises(TrackingServerError, match="is it an MLflow server"):
         check_server(http_server(None))                   # something else that answers HTTP
-    port = closed_port()
+    port = free_port(preferred=0)
     with pytest.raises(TrackingServerError, match=f"cannot reach the MLflow tracking server http://127.0.0.1:{port}"):
         check_server(f"http://127.0.0.1:{port}")
 
 
 def test_a_wrong_tracking_uri_ends_a_command_in_seconds_with_one_line(tmp_path):
-    port = closed_port()
+    port = free_port(preferred=0)
     uri = f"http://127.0.0.1:{port}"
     r, took = _genseg("train", "seg", "--data", str(tmp_path), "--tracking-uri", uri, "--workdir", str(tmp_path))
     assert r.returncode == 1 and took < 15, (took, r.stderr)
@@ -193,3 +187,36 @@ def test_elastic_resize_interval_comes_from_the_environment(monkeypatch):
         _resize_interval(True)
     monkeypatch.delenv("GENSEG_ELASTIC_RESIZE_S")
     assert _resize_interval(True) == {}
+
+
+def test_a_resumed_attempt_on_fewer_workers_keeps_its_place_in_the_lr_schedule():
+    """Two epochs of a 10-epoch warm-up + cosine schedule on 4 workers (4 steps each), then the run resumes
+    on 2 workers (8 steps each): the learning rate continues where it was, not from step 8 of 80."""
+    import torch
+
+    from genseg import engine
+    from jobs.runner import WorkerSession
+
+    def scheduler(spe):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return engine.make_scheduler(opt, "cosine", 10, 1, spe)
+
+    before = scheduler(4)
+    for _ in range(2 * 4):
+        before.optimizer.step()
+        before.step()
+    after = scheduler(8)
+    after.load_state_dict(before.state_dict())
+    session = WorkerSession.__new__(WorkerSession)
+    session.rt = {"steps_per_epoch": 8}
+    session._align_schedulers({"model": after}, start=2)
+    assert after.last_epoch == 16
+    assert after.optimizer.param_groups[0]["lr"] == pytest.approx(before.optimizer.param_groups[0]["lr"])
+    assert after.get_last_lr() == pytest.approx(before.get_last_lr())
+    assert before.get_last_lr()[0] < 1.0                       # past the warm-up: the value is not trivially 1
+    # an unchanged group size leaves a restored schedule exactly as saved
+    same = scheduler(4)
+    same.load_state_dict(before.state_dict())
+    session.rt = {"steps_per_epoch": 4}
+    session._align_schedulers({"model": same}, start=2)
+    assert same.last_epoch == 8
