@@ -88,14 +88,14 @@ def epoch_batches(batches: Iterable[dict], names: list[str], seed: int, epoch: i
         for i, name in enumerate(batch["name"]):
             j = slot.get(str(name))
             if j is not None:
-                rows[j] = {k: batch[k][i] for k in COLUMNS}
+                rows[j] = {k: batch[k][i] for k in COLUMNS if k in batch}
     missing = [names[i] for i, r in zip(order, rows) if r is None]
     if missing:
         raise RuntimeError(f"{len(missing)} training row(s) were not delivered (e.g. {missing[0]!r}); "
                            f"did the shard directory change during training?")
     for start in range(0, len(rows) - batch_size + 1, batch_size):
         chunk = rows[start: start + batch_size]
-        yield {k: [r[k] for r in chunk] for k in COLUMNS}
+        yield {k: [r[k] for r in chunk] for k in COLUMNS if k in chunk[0]}
 
 
 def eval_samples(batches: Iterable[dict], rank: int = 0, world: int = 1
@@ -124,15 +124,21 @@ def autocast(device: torch.device, amp: str):
 
 def train_one_epoch(model, optimizer, scheduler, batches: Iterable, cfg, device: torch.device,
                     scaler: "torch.amp.GradScaler | None" = None, max_steps: int | None = None) -> dict:
-    """One pass over ``batches``; returns mean loss, samples, seconds and the last LR."""
+    """One pass over ``batches``; returns mean loss, samples, seconds, the seconds spent waiting
+    for the next batch (``data_seconds``: reading, decoding, augmenting) and the last LR."""
     model.train()
     loss_fn = get_loss(cfg.loss)
     weight = class_weights(cfg)
-    total, samples, steps = 0.0, 0, 0
+    total, samples, steps, waited = 0.0, 0, 0, 0.0
     start = time.perf_counter()
-    for images, masks in batches:
-        if max_steps is not None and steps >= max_steps:
+    batches = iter(batches)
+    while max_steps is None or steps < max_steps:
+        t = time.perf_counter()
+        try:
+            images, masks = next(batches)
+        except StopIteration:
             break
+        waited += time.perf_counter() - t
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
             logits = model(images)
@@ -152,7 +158,7 @@ def train_one_epoch(model, optimizer, scheduler, batches: Iterable, cfg, device:
         steps += 1
     seconds = time.perf_counter() - start
     return {"train_loss": total / max(1, samples), "samples": samples, "steps": steps,
-            "seconds": seconds, "lr": optimizer.param_groups[0]["lr"]}
+            "seconds": seconds, "data_seconds": waited, "lr": optimizer.param_groups[0]["lr"]}
 
 
 @torch.no_grad()

@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder: masks are binary 0/255 (or 0/1) foreground masks: 255 -> class 1 'foreground'")
     p.add_argument("--val-fraction", type=float, default=0.2, help="synthetic/folder: share held out as val")
     p.add_argument("--skip-bad", action="store_true", help="skip and list bad pairs instead of failing")
+    p.add_argument("--codec", choices=("png", "webp", "raw"), default="png",
+                   help="how shards hold pixels (all lossless): png (default), webp (smaller) or raw arrays "
+                        "(largest, nothing to decode when training); see bench/README.md, 'Shard encoding'")
+    p.add_argument("--chunk", type=_whole(1), default=32, help="pairs per Ray Data task and per shard file")
     _runtime_flags(p)
 
     p = sub.add_parser("train", help="train a model on Ray Train")
@@ -355,10 +359,12 @@ def cmd_prepare(args, rt) -> int:
                                  "masks": str(Path(args.masks).resolve())}
     init_ray(rt)
     manifest = prepare(src, args.out, size=size, skip_bad=args.skip_bad, num_classes=args.num_classes,
-                       description=desc)
+                       description=desc, codec=args.codec, chunk=args.chunk, progress=sys.stdout.isatty())
     counts = ", ".join(f"{s}: {v['count']}" for s, v in manifest["splits"].items())
+    n = sum(v["count"] for v in manifest["splits"].values())
     print(f"wrote {args.out}: {counts}; {manifest['num_classes']} classes; sizes {manifest['sizes'][:3]}; "
-          f"{manifest['seconds']:.1f}s")
+          f"{manifest['codec']} {manifest['bytes'] / 2**20:.1f} MiB; {manifest['seconds']:.1f}s "
+          f"({n / max(manifest['seconds'], 1e-9):.0f} pairs/s)")
     if manifest["skipped"]:
         print(f"skipped {len(manifest['skipped'])} bad pair(s):")
         for line in manifest["skipped"][:20]:

@@ -1,30 +1,39 @@
-"""``genseg prepare``: pair -> decode -> validate -> resize -> Parquet shards + manifest.
+"""``genseg prepare``: pair -> decode -> validate -> resize -> encode -> Parquet shards + manifest.
 
-Decoding runs in parallel Ray Data tasks (``map_batches``), never in the driver.  Problems
-(unreadable files, missing partners, size mismatches, labels out of range) are gathered from
-all files and reported together.  Output is built in a temporary directory next to ``out``
+One streaming pass.  The driver pairs files by name (cheap) and cuts the work into chunks; each
+Ray Data task (``map_batches``) decodes, validates, histograms and encodes its chunk and writes
+it straight to one Parquet file per split, returning only a few numbers per pair (split, error,
+class histogram, size).  Nothing is materialized: memory stays flat at any data set size, and the
+manifest comes from those numbers, not from a second pass over the data.
+
+Problems (unreadable files, missing partners, size mismatches, labels out of range) are gathered
+from all files and reported together.  Output is built in a temporary directory next to ``out``
 and swapped into place only when complete, so a failed run leaves any earlier output intact.
 ``out`` may only be new, empty, or an earlier genseg shard directory: a directory holding
 anything else is refused, so nothing a user wrote is ever deleted.
 """
 from __future__ import annotations
 
+import io
 import json
+import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import ray
 from PIL import Image
 
 from genseg.data.classes import ClassSpec, default_palette, rgb_to_index
-from genseg.data.shards import MANIFEST, encode_row
+from genseg.data.shards import CODECS, MANIFEST, encode_row
 from genseg.errors import InputError
 from genseg.fsutil import swap_dir
 from genseg.data.synthetic import make_scene
-from pipelines.shards import FORMAT
+from pipelines.shards import FORMAT, READABLE
 from pipelines.sources import Source
 
 IGNORE = 255
@@ -43,7 +52,7 @@ def check_out(out: str | Path) -> None:
     """Refuse an ``out`` that holds anything but an earlier genseg shard directory.
 
     Replaceable: a path that does not exist, an empty directory, or a directory whose
-    ``manifest.json`` says ``"format": "genseg-shards/1"`` and that holds nothing besides that
+    ``manifest.json`` names a genseg shard format and that holds nothing besides that
     manifest and its splits' ``*.parquet`` files."""
     out = Path(out)
     if not out.exists() and not out.is_symlink():
@@ -56,7 +65,7 @@ def check_out(out: str | Path) -> None:
     hint = "pick another --out, or move its contents away (genseg only replaces its own shard directories)"
     try:
         manifest = json.loads((out / MANIFEST).read_text())
-        splits = set(manifest["splits"]) if manifest.get("format") == FORMAT else None
+        splits = set(manifest["splits"]) if manifest.get("format") in READABLE else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         splits = None
     if splits is None:
@@ -74,13 +83,17 @@ def check_out(out: str | Path) -> None:
 
 
 def _decode_one(item: dict, size: tuple[int, int] | None, num_classes: int | None):
-    """-> (image, mask) arrays, or raises ValueError naming the problem."""
+    """-> (image, mask, source) where ``source`` is ``(format, bytes)`` of the image file when the
+    image is stored unchanged (not resized), else None; raises ValueError naming the problem."""
     if item["kind"] == "synthetic":
-        return make_scene(item["seed"], item["index"], item["height"], item["width"])
+        return (*make_scene(item["seed"], item["index"], item["height"], item["width"]), None)
     ipath, mpath = str(item["image_path"]), str(item["mask_path"])
     lm = json.loads(item["label_map"]) if item.get("label_map") else {}
     try:
-        with Image.open(ipath) as im:
+        with open(ipath, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as im:
+            source = (im.format, data)
             image = np.asarray(im.convert("RGB"))
     except Exception as exc:  # PIL raises many types for broken files
         raise ValueError(f"{ipath}: unreadable image ({type(exc).__name__}: {exc})") from None
@@ -121,26 +134,108 @@ def _decode_one(item: dict, size: tuple[int, int] | None, num_classes: int | Non
         h, w = size
         image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
         mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
-    return image, mask
+        source = None
+    return image, mask, source
 
 
-def decode_batch(batch: dict, size: tuple[int, int] | None, num_classes: int | None) -> dict:
-    """Ray Data UDF: work items -> encoded rows (or an ``error`` string per failed item)."""
-    rows = []
-    n = len(batch["name"])
-    for i in range(n):
-        item = {k: batch[k][i] for k in batch}
+# a source file in one of these formats is stored as it was read under that codec: its pixels are
+# exactly the decoded ones everywhere (JPEG decoders may differ by library version, so JPEG is re-encoded)
+KEEP_SOURCE = {"png": "PNG", "webp": "WEBP"}
+
+
+def write_chunk(items: list[dict], out_dir: str | Path, size: tuple[int, int] | None, num_classes: int | None,
+                codec: str = "png") -> list[dict]:
+    """Decode, validate, histogram and encode one chunk of work items, and write its good rows to
+    ``out_dir/<split>/part-<first item>.parquet`` (one file per split).  -> one small record per item:
+    name, split, error ("" when good), class histogram (256 int64), height, width, bytes written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows: dict[str, list[dict]] = {}
+    stats = []
+    for item in items:
+        name, split = str(item["name"]), str(item["split"])
         try:
-            image, mask = _decode_one(item, size, num_classes)
-            row = encode_row(str(item["name"]), image, mask)
-            row["error"] = ""
-            row["hist"] = np.bincount(mask.reshape(-1), minlength=256).astype(np.int64).tobytes()
+            image, mask, source = _decode_one(item, size, num_classes)
+            kept = source[1] if source is not None and source[0] == KEEP_SOURCE.get(codec) else None
+            row = encode_row(name, image, mask, codec, image_bytes=kept)
+            rows.setdefault(split, []).append(row)
+            hist = np.bincount(mask.reshape(-1), minlength=256).astype(np.int64).tobytes()
+            stats.append({"name": name, "split": split, "error": "", "hist": hist, "height": mask.shape[0],
+                          "width": mask.shape[1], "bytes": len(row["image"]) + len(row["mask"])})
         except ValueError as exc:
-            row = {"name": str(item["name"]), "height": 0, "width": 0, "image": b"", "mask": b"",
-                   "error": str(exc), "hist": b""}
-        row["split"] = str(item["split"])
-        rows.append(row)
-    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+            stats.append({"name": name, "split": split, "error": str(exc), "hist": b"", "height": 0,
+                          "width": 0, "bytes": 0})
+    first = int(items[0]["order"]) if items else 0
+    for split, split_rows in rows.items():
+        table = pa.Table.from_pylist(split_rows, schema=ROW_SCHEMA)
+        (Path(out_dir) / split).mkdir(parents=True, exist_ok=True)
+        # encoded bytes do not compress further; raw arrays do, cheaply
+        pq.write_table(table, Path(out_dir) / split / f"part-{first:07d}.parquet",
+                       compression="snappy" if codec == "raw" else "none")
+    return stats
+
+
+def _chunk_task(batch: dict, out_dir: str, size, num_classes, codec) -> dict:
+    """Ray Data UDF around :func:`write_chunk`: a columnar batch of work items -> columnar stats."""
+    n = len(batch["name"])
+    items = [{k: batch[k][i] for k in batch} for i in range(n)]
+    stats = write_chunk(items, out_dir, size, num_classes, codec)
+    return {k: [s[k] for s in stats] for k in STAT_KEYS}
+
+
+STAT_KEYS = ("name", "split", "error", "hist", "height", "width", "bytes")
+
+
+def _row_schema():
+    import pyarrow as pa
+
+    return pa.schema([("name", pa.string()), ("height", pa.int64()), ("width", pa.int64()),
+                      ("image", pa.binary()), ("mask", pa.binary()), ("codec", pa.string())])
+
+
+ROW_SCHEMA = _row_schema()
+
+
+def work_items(source: Source) -> list[dict]:
+    """The source's items as flat records: nested label maps travel as JSON text so every item has
+    the same Arrow schema, and ``order`` numbers them (it names the chunk files)."""
+    return [{**it, "order": i, "label_map": json.dumps(it["label_map"]) if it.get("label_map") else ""}
+            for i, it in enumerate(source.items)]
+
+
+def chunk_size(n: int, chunk: int | None = None) -> int:
+    """Pairs per task (and per file): big enough that a task's fixed cost is small against its
+    decoding, small enough that both cores get work early and a task's memory stays a few MB."""
+    return max(1, chunk or 32)
+
+
+class Tally:
+    """The manifest's numbers, added up from the per-item stats as they stream in."""
+
+    def __init__(self):
+        self.problems: list[str] = []
+        self.hist = np.zeros(256, np.int64)
+        self.split_hist: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+        self.sizes: set[tuple[int, int]] = set()
+        self.bytes = 0
+        self.seen = 0
+
+    def add(self, batch: dict) -> int:
+        n = len(batch["name"])
+        for name, split, err, h, hh, ww, nb in zip(*(batch[k] for k in STAT_KEYS)):
+            if err:
+                self.problems.append(str(err))
+                continue
+            h = np.frombuffer(h, np.int64)
+            self.hist += h
+            self.split_hist.setdefault(str(split), np.zeros(256, np.int64))[:] += h
+            self.counts[str(split)] = self.counts.get(str(split), 0) + 1
+            self.sizes.add((int(hh), int(ww)))
+            self.bytes += int(nb)
+        self.seen += n
+        return n
 
 
 def format_problems(problems: list[str]) -> str:
@@ -151,87 +246,88 @@ def format_problems(problems: list[str]) -> str:
 
 def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None,
             skip_bad: bool = False, num_classes: int | None = None, description: dict | None = None,
-            batch_size: int = 8) -> dict:
-    """Run the pipeline and return the manifest.  Ray must already be initialised."""
+            codec: str = "png", chunk: int | None = None, progress: bool = False,
+            on_rows: Callable[[int], None] | None = None) -> dict:
+    """Run the pipeline and return the manifest.  Ray must already be initialised.
+
+    ``progress`` shows a bar; ``on_rows(n)`` is called as each chunk's ``n`` pairs are done."""
+    if codec not in CODECS:
+        raise PrepareError(f"--codec {codec}: expected one of {', '.join(CODECS)}")
     out = Path(out).resolve()
     check_out(out)
     start = time.perf_counter()
-    problems = list(source.problems)
     if not source.items:
+        problems = list(source.problems)
         raise PrepareError("no image/mask pairs found" + (":\n" + format_problems(problems) if problems else ""))
     k_given = num_classes or (source.classes.num_classes if source.classes else None)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    # nested label maps travel as JSON text so every item has the same flat Arrow schema
-    items = [{**it, "label_map": json.dumps(it["label_map"]) if it.get("label_map") else ""}
-             for it in source.items]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
-                        fn_kwargs={"size": size, "num_classes": k_given}).materialize()
-
-    # one cheap pass over the small columns: problems, counts, histogram, sizes
-    decode_problems: list[str] = []
-    hist = np.zeros(256, np.int64)
-    split_hist: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    sizes: set[tuple[int, int]] = set()
-    skipped = []
-    for batch in ds.select_columns(["name", "split", "error", "hist", "height", "width"]).iter_batches(
-            batch_size=256, batch_format="numpy"):
-        for name, split, err, h, hh, ww in zip(batch["name"], batch["split"], batch["error"],
-                                               batch["hist"], batch["height"], batch["width"]):
-            if err:
-                decode_problems.append(str(err))
-                continue
-            hist += np.frombuffer(h, np.int64)
-            split_hist.setdefault(str(split), np.zeros(256, np.int64))[:] += np.frombuffer(h, np.int64)
-            counts[str(split)] = counts.get(str(split), 0) + 1
-            sizes.add((int(hh), int(ww)))
-    problems += sorted(decode_problems)   # blocks finish in any order; report in a stable one
-    if problems and not skip_bad:
-        raise PrepareError(f"{len(problems)} bad input file(s); nothing was written "
-                           f"(rerun with --skip-bad to skip them):\n{format_problems(problems)}")
-    if problems:
-        skipped = sorted(problems)
-    if not counts:
-        raise PrepareError("every input was bad; nothing was written:\n" + format_problems(problems))
-    check_labels(hist, source.index_masks)
-
-    classes = source.classes
-    if classes is None:   # index masks without --num-classes: K = largest label + 1
-        k = int(np.nonzero(hist[:IGNORE])[0].max()) + 1
-        classes = ClassSpec(tuple(f"class_{i}" for i in range(k)), default_palette(k))
-    k = classes.num_classes
-    manifest = {
-        "format": "genseg-shards/1",
-        "classes": classes.to_dict(),
-        "num_classes": k,
-        "ignore_index": IGNORE,
-        "splits": {s: {"count": n, "class_pixels": split_hist[s][:k].tolist(),
-                       "ignored_pixels": int(split_hist[s][IGNORE])} for s, n in sorted(counts.items())},
-        "sizes": sorted([list(s) for s in sizes]),
-        "size": list(next(iter(sizes))) if len(sizes) == 1 else None,
-        "class_pixels": hist[:k].tolist(),
-        "ignored_pixels": int(hist[IGNORE]),
-        "skipped": skipped,
-        "source": description or {},
-        "seconds": None,
-    }
-
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    items = work_items(source)
+    per_task = chunk_size(len(items), chunk)
     out.parent.mkdir(parents=True, exist_ok=True)
-    check_out(out)   # again: the user may have put something there while we decoded
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        for split in counts:
-            part = ds.filter(expr=f"error == '' and split == '{split}'").drop_columns(["error", "hist", "split"])
-            part.write_parquet(str(tmp / split))
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_task)))
+        # one CPU per task: on a local Ray, which counts twice the cores, that keeps 2 tasks per core
+        # busy (measured: faster than 1 per core, and than 4 per core); bench/README.md, 'Prepare'
+        ds = ds.map_batches(_chunk_task, batch_size=per_task, batch_format="numpy", num_cpus=1,
+                            fn_kwargs={"out_dir": str(tmp), "size": size, "num_classes": k_given, "codec": codec})
+        tally = Tally()
+        bar = _bar(len(items), progress)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            done = tally.add(batch)
+            bar.update(done)
+            if on_rows is not None:
+                on_rows(done)
+        bar.close()
+        manifest = _manifest(source, tally, skip_bad, description, codec)
         manifest["seconds"] = round(time.perf_counter() - start, 3)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        check_out(out)   # again: the user may have put something there while we decoded
         swap_dir(tmp, out)       # the old shard directory survives until the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _bar(total: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="prepare", unit="pair", disable=not show, file=sys.stdout,
+                mininterval=0.5, leave=False)
+
+
+def _manifest(source: Source, tally: Tally, skip_bad: bool, description: dict | None, codec: str) -> dict:
+    problems = list(source.problems) + sorted(tally.problems)   # tasks finish in any order: a stable one
+    if problems and not skip_bad:
+        raise PrepareError(f"{len(problems)} bad input file(s); nothing was written "
+                           f"(rerun with --skip-bad to skip them):\n{format_problems(problems)}")
+    if not tally.counts:
+        raise PrepareError("every input was bad; nothing was written:\n" + format_problems(problems))
+    check_labels(tally.hist, source.index_masks)
+    classes = source.classes
+    if classes is None:   # index masks without --num-classes: K = largest label + 1
+        k = int(np.nonzero(tally.hist[:IGNORE])[0].max()) + 1
+        classes = ClassSpec(tuple(f"class_{i}" for i in range(k)), default_palette(k))
+    k = classes.num_classes
+    hist, split_hist, sizes = tally.hist, tally.split_hist, tally.sizes
+    return {
+        "format": FORMAT,
+        "codec": codec,
+        "classes": classes.to_dict(),
+        "num_classes": k,
+        "ignore_index": IGNORE,
+        "splits": {s: {"count": n, "class_pixels": split_hist[s][:k].tolist(),
+                       "ignored_pixels": int(split_hist[s][IGNORE])} for s, n in sorted(tally.counts.items())},
+        "sizes": sorted([list(s) for s in sizes]),
+        "size": list(next(iter(sizes))) if len(sizes) == 1 else None,
+        "class_pixels": hist[:k].tolist(),
+        "ignored_pixels": int(hist[IGNORE]),
+        "bytes": tally.bytes,
+        "skipped": sorted(problems) if problems else [],
+        "source": description or {},
+        "seconds": None,
+    }
 
 
 def check_labels(hist: np.ndarray, index_masks: str | None) -> None:

@@ -10,10 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from genseg.data.shards import MANIFEST
+from genseg.data.shards import MANIFEST, decode_row
 from genseg.errors import InputError
 
-FORMAT = "genseg-shards/1"
+FORMAT = "genseg-shards/2"          # what `genseg prepare` writes: rows carry a codec column
+READABLE = ("genseg-shards/1", FORMAT)   # /1: raw arrays, no codec column
 
 
 class ShardError(InputError):
@@ -32,7 +33,11 @@ def load_manifest(shard_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ShardError(f"{path} is unreadable ({type(exc).__name__}: {exc}); prepare the shards again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "splits" not in manifest:
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("genseg-shards/") and fmt not in READABLE:
+        raise ShardError(f"{path}: shard format {fmt!r} is newer than this genseg reads ({', '.join(READABLE)}); "
+                         f"upgrade genseg, or prepare the shards again with this one")
+    if fmt not in READABLE or "splits" not in manifest:
         raise ShardError(f"{path} is not a genseg manifest (no \"format\": \"{FORMAT}\"); prepare the shards again")
     return manifest
 
@@ -77,9 +82,9 @@ def labelled_pixels(shard_dir: str | Path, split: str, manifest: dict) -> int:
     ignore = int(manifest.get("ignore_index", 255))
     total = 0
     for f in shard_files(shard_dir, split):
-        for rb in _batches(f, ["mask"], 64):
-            for m in rb.column(0).to_pylist():
-                total += int(np.count_nonzero(np.frombuffer(m, np.uint8) != ignore))
+        for rb in _batches(f, None, 64):
+            for row in rb.to_pylist():
+                total += int(np.count_nonzero(decode_row(row)[1] != ignore))
     return total
 
 

@@ -1,35 +1,96 @@
 """The shard row format, shared by the Ray Data writer and every reader.
 
-A row holds one (image, mask) pair as raw arrays so readers never decode PNGs again:
+A row holds one (image, mask) pair:
 
-    name: str, height: int, width: int,
-    image: bytes (H*W*3 uint8, RGB), mask: bytes (H*W uint8 class ids, ignore = 255)
+    name: str, height: int, width: int, codec: str,
+    image: bytes, mask: bytes (class ids, ignore = 255)
 
-A shard directory holds ``<split>/*.parquet`` plus ``manifest.json``.
+``codec`` says how the two byte columns hold their pixels:
+
+- ``raw``: the arrays themselves (H*W*3 uint8 RGB, H*W uint8): no decoding when read, the
+  largest shards.  Shards of format ``genseg-shards/1`` have no codec column and are all raw.
+- ``png``: lossless PNG images and masks (a source PNG that needs no change is kept as it was
+  read, so nothing is encoded twice); about a third of raw on disk, a few ms per image to decode.
+- ``webp``: lossless WebP images, PNG masks; smaller again, and faster to encode than PNG.
+
+Every codec is lossless: the decoded pixels are the ones ``genseg prepare`` validated and
+histogrammed.  A shard directory holds ``<split>/*.parquet`` plus ``manifest.json``.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 MANIFEST = "manifest.json"
-COLUMNS = ("name", "height", "width", "image", "mask")
+COLUMNS = ("name", "height", "width", "image", "mask", "codec")
+CODECS = ("raw", "png", "webp")
 
 
-def encode_row(name: str, image: np.ndarray, mask: np.ndarray) -> dict:
+class DecodeError(ValueError):
+    """A shard cell whose bytes are not the image its row says (a damaged or foreign shard)."""
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _webp(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="WEBP", lossless=True, quality=0, method=0)
+    return buf.getvalue()
+
+
+def encode_row(name: str, image: np.ndarray, mask: np.ndarray, codec: str = "raw",
+               image_bytes: bytes | None = None) -> dict:
+    """One shard row.  ``image_bytes``: the source file's bytes, kept as they are when ``codec``
+    is not raw (the caller vouches that they decode to ``image``)."""
     h, w = mask.shape
     assert image.shape == (h, w, 3) and image.dtype == np.uint8 and mask.dtype == np.uint8
-    return {"name": name, "height": h, "width": w, "image": image.tobytes(), "mask": mask.tobytes()}
+    if codec == "raw":
+        img, msk = image.tobytes(), mask.tobytes()
+    elif codec in ("png", "webp"):
+        img = image_bytes if image_bytes is not None else (_png if codec == "png" else _webp)(image)
+        msk = _png(mask)
+    else:
+        raise ValueError(f"unknown shard codec {codec!r} (known: {', '.join(CODECS)})")
+    return {"name": name, "height": h, "width": w, "image": img, "mask": msk, "codec": codec}
+
+
+def _decode_image(data: bytes, shape: tuple[int, ...], what: str, name: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            array = np.asarray(im.convert("RGB") if len(shape) == 3 else im)
+    except Exception as exc:  # PIL raises many types for broken bytes
+        raise DecodeError(f"row {name!r}: its {what} bytes do not decode ({type(exc).__name__}: {exc}); "
+                          f"the shard is damaged: prepare the shards again") from None
+    if array.shape != shape:
+        raise DecodeError(f"row {name!r}: its {what} decodes to {array.shape}, not {shape}; "
+                          f"the shard is damaged: prepare the shards again")
+    return array
 
 
 def decode_row(row: dict) -> tuple[np.ndarray, np.ndarray]:
     """-> ``image (H, W, 3) uint8``, ``mask (H, W) uint8``."""
     h, w = int(row["height"]), int(row["width"])
-    image = np.frombuffer(row["image"], dtype=np.uint8).reshape(h, w, 3)
-    mask = np.frombuffer(row["mask"], dtype=np.uint8).reshape(h, w)
-    return image, mask
+    codec = row.get("codec") or "raw"
+    if codec == "raw":
+        image = np.frombuffer(row["image"], dtype=np.uint8).reshape(h, w, 3)
+        mask = np.frombuffer(row["mask"], dtype=np.uint8).reshape(h, w)
+        return image, mask
+    name = str(row.get("name"))
+    return (_decode_image(row["image"], (h, w, 3), "image", name),
+            _decode_image(row["mask"], (h, w), "mask", name))
 
 
 def decode_batch(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -49,7 +110,7 @@ def fingerprint(shard_dir: str | Path, split: str) -> tuple[str, str]:
 
     The digest covers the class set (names, count, ignore index), the image sizes, every split's
     count, the class pixel histogram of the whole data set, and the content of ``split``'s rows
-    (name, image and mask bytes), hashed row by row and combined in name order so it does not
+    (name, image and mask pixels, whatever the codec), hashed row by row and combined in name order so it does not
     depend on file names or block order.  Two preparations of the same data agree; data that
     differs in any scored pixel does not."""
     import hashlib
@@ -64,12 +125,14 @@ def fingerprint(shard_dir: str | Path, split: str) -> tuple[str, str]:
             "scored": split}
     rows = []
     ds = pads.dataset(str(shard_dir / split), format="parquet")
-    for rb in ds.to_batches(columns=["name", "image", "mask"], batch_size=64):
-        for name, image, mask in zip(*(rb.column(c).to_pylist() for c in ("name", "image", "mask"))):
-            h = hashlib.sha256(name.encode())
-            h.update(image)
-            h.update(mask)
-            rows.append((name, h.hexdigest()))
+    columns = [c for c in COLUMNS if c in ds.schema.names]
+    for rb in ds.to_batches(columns=columns, batch_size=64):
+        for row in rb.to_pylist():     # pixels, not bytes: the same data in any codec agrees
+            image, mask = decode_row(row)
+            h = hashlib.sha256(row["name"].encode())
+            h.update(np.ascontiguousarray(image).tobytes())
+            h.update(np.ascontiguousarray(mask).tobytes())
+            rows.append((row["name"], h.hexdigest()))
     digest = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
     for name, h in sorted(rows):
         digest.update(h.encode())

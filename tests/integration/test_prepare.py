@@ -171,3 +171,29 @@ def test_missing_root_is_one_clear_line(ray_cluster, tmp_path, capsys):
                  "--workdir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code != 0 and err.count("\n") == 0 and "nope does not exist" in err
+
+
+def test_codecs_hold_the_same_pixels_in_chunked_files_and_keep_source_pngs(ray_cluster, tmp_path):
+    root = tmp_path / "camvid"
+    rng = np.random.default_rng(2)
+    for split, n in (("train", 7), ("val", 2)):
+        for i in range(n):
+            _write_pair(root / split, root / f"{split}annot", f"0001TP_{i:06d}", rng.integers(0, 11, (30, 40)))
+    rows = {}
+    for codec in ("png", "raw", "webp"):
+        out = tmp_path / codec
+        flags = [] if codec == "png" else ["--codec", codec]          # png is the default
+        assert main(["prepare", "--source", "camvid", "--root", str(root), "--out", str(out), "--chunk", "3",
+                     "--workdir", str(tmp_path), *flags]) == 0
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["codec"] == codec and m["format"] == "genseg-shards/2"
+        # one pass, chunks of 3 pairs, one file per split a chunk touches: train's 7 pairs are 3 files
+        assert len(list((out / "train").glob("*.parquet"))) == 3
+        rows[codec] = _rows(out, "train")
+    for codec in ("raw", "webp"):
+        for a, b in zip(rows["png"], rows[codec]):
+            assert a["name"] == b["name"]
+            assert all(np.array_equal(x, y) for x, y in zip(decode_row(a), decode_row(b)))
+    for r in rows["png"]:      # an unchanged source PNG is stored as the file's own bytes: nothing re-encoded
+        assert r["image"] == (root / "train" / f"{r['name']}.png").read_bytes()
+    assert rows["raw"][0]["image"] == decode_row(rows["png"][0])[0].tobytes()
