@@ -30,6 +30,7 @@ from genseg import checkpoint as ckpt_lib
 from genseg import config as config_lib
 from genseg import engine
 from genseg import rng as rng_lib
+from genseg.data.shards import COLUMNS, decode_batch, encode_row
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class WorkerSession:
         if self.rt.get("elastic") and self.rt.get("train_names"):   # this attempt's group size, not the largest
             self.rt["steps_per_epoch"] = steps_per_epoch(len(self.rt["train_names"]), self.world, self.cfg.batch_size)
         self._client = None
+        self._train_rows: dict | None = None      # the train split, decoded, once epoch 1 has read it
         if self.rank == 0 and self.rt.get("mlflow_run_id"):
             from mlflow.tracking import MlflowClient
 
@@ -83,9 +85,26 @@ class WorkerSession:
 
         The "train" dataset is not split by Ray Data (see ``run``): every worker streams the whole
         split and keeps its share of a permutation seeded by ``(cfg.seed, epoch)`` (engine.epoch_batches)."""
-        stream = ray.train.get_dataset_shard("train").iter_batches(batch_size=64, batch_format="numpy")
+        if self._train_rows is not None:
+            stream = [self._train_rows]
+        else:
+            stream = ray.train.get_dataset_shard("train").iter_batches(batch_size=64, batch_format="numpy")
+            if self.rt.get("cache_train"):
+                stream = self._caching(stream)
         return engine.epoch_batches(stream, self.rt["train_names"], self.cfg.seed, epoch, self.rank, self.world,
                                     batch_size, self.rt["steps_per_epoch"])
+
+    def _caching(self, stream):
+        """Pass the first epoch's stream through, keeping every row decoded (as raw arrays): later
+        epochs read this worker's memory instead of streaming and decoding the split again."""
+        rows: dict[str, list] = {k: [] for k in COLUMNS}
+        for batch in stream:
+            yield batch
+            for name, (image, mask) in zip(batch["name"], decode_batch(batch)):
+                row = encode_row(str(name), np.ascontiguousarray(image), np.ascontiguousarray(mask), "raw")
+                for k in COLUMNS:
+                    rows[k].append(row[k])
+        self._train_rows = rows
 
     def restore(self, models, optimizers: dict | None = None, schedulers: dict | None = None,
                 rngs: dict | None = None, scaler=None) -> tuple[int, dict]:
@@ -246,6 +265,24 @@ def _resize_interval(elastic: bool) -> dict:
     return {"elastic_resize_monitor_interval_s": value}
 
 
+CACHE_ENV = "GENSEG_TRAIN_CACHE_MB"
+
+
+def train_cache_mb(manifest: dict) -> float | None:
+    """MB each worker needs to hold the train split decoded, when that is within ``$GENSEG_TRAIN_CACHE_MB``
+    (default 2048; 0 turns caching off), else None: the split is then streamed every epoch."""
+    text = os.environ.get(CACHE_ENV, "2048")
+    try:
+        limit = float(text)
+        if not limit >= 0:
+            raise ValueError
+    except ValueError:
+        raise config_lib.ConfigError(f"${CACHE_ENV}={text!r}: expected megabytes >= 0 (0 turns the cache off)") from None
+    biggest = max((int(h) * int(w) for h, w in manifest.get("sizes") or []), default=0)
+    need = manifest["splits"]["train"]["count"] * biggest * 4 / 2**20
+    return need if 0 < need <= limit else None
+
+
 def check_resumable(task: Task, run_dir: Path, cfg: Any, run_name: str) -> None:
     """A re-run continues the saved weights, so the model it builds must be the same one."""
     # checkpoint_<timestamp> directories (not Ray's checkpoint_manager_snapshot.json), oldest first
@@ -355,20 +392,22 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     check_resumable(task, rt.workdir / "ray" / run_name, cfg, run_name)
     elastic = isinstance(workers, (tuple, list))
     resize = _resize_interval(elastic)          # a bad setting is refused before the MLflow run exists
+    cache_mb = train_cache_mb(manifest)         # so is a bad cache setting
     tracking.setup(rt.workdir, rt.tracking_uri)
     exp_id = tracking.experiment_id(task.experiment, rt.workdir)
     params = {**config_lib.asdict(cfg), "data": str(data_dir), "workers": describe_workers(workers), "gpu": gpu}
     run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, params,
                                                    tags={"genseg.job": f"train {task.name}", **(tags or {})})
     log(f"{'resuming' if resumed else 'starting'} {task.name} run '{run_name}' (MLflow run {run_id}), "
-        f"{describe_workers(workers)} worker(s), {runtime.get('steps_per_epoch')} steps/epoch")
+        f"{describe_workers(workers)} worker(s), {runtime.get('steps_per_epoch')} steps/epoch"
+        + (f"; each worker keeps the train split decoded in memory after epoch 1 ({cache_mb:.0f} MB)" if cache_mb else ""))
 
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}
     trainer = TorchTrainer(
         task.loop,
         train_loop_config={"cfg": config_lib.asdict(cfg), "runtime": {
             **runtime, "classes": manifest["classes"], "mlflow_run_id": run_id, "tracking_uri": rt.tracking_uri,
-            "elastic": elastic}},
+            "elastic": elastic, "cache_train": bool(cache_mb)}},
         scaling_config=ScalingConfig(num_workers=tuple(workers) if elastic else workers, use_gpu=gpu,
                                      resources_per_worker=resources, placement_strategy="SPREAD" if spread else "PACK",
                                      **resize),

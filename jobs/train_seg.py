@@ -52,7 +52,8 @@ def train_loop(loop_config: dict) -> None:
         metrics = {"epoch": epoch, "train_loss": s.mean(stats["train_loss"]), "val_miou": val["miou"],
                    "val_pixel_acc": val["pixel_acc"], "val_mean_acc": val["mean_acc"], "lr": stats["lr"],
                    "samples_per_s": stats["samples"] * s.world / max(stats["seconds"], 1e-9),
-                   "epoch_seconds": stats["seconds"], "val_seconds": time.perf_counter() - t0, "best_miou": best}
+                   "epoch_seconds": stats["seconds"], "data_wait_seconds": stats["data_seconds"],
+                   "val_seconds": time.perf_counter() - t0, "best_miou": best}
         if s.rank == 0:
             s.say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}, val mIoU "
                   f"{100 * val['miou']:.2f}, pixel acc {100 * val['pixel_acc']:.2f} ({stats['seconds']:.1f}s train, "
