@@ -78,7 +78,10 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     client = MlflowClient(uri)
     stopped = next(c for c in children if c.data.tags.get("genseg.tune.status") == "early-stopped")
     assert stopped.info.status == "KILLED"
-    assert len(client.get_metric_history(stopped.info.run_id, "val_x0_mse")) == 1     # per-epoch metrics
+    # per-epoch metrics.  ASHA's stop reaches the trial asynchronously: with epochs of a tenth of a
+    # second its worker may log epoch 2 before the stop lands (Tune still counts the trial as stopped
+    # at epoch 1, asserted above)
+    assert 1 <= len(client.get_metric_history(stopped.info.run_id, "val_x0_mse")) <= 2
 
     # the winner is the champion, with the tuned sampling settings stored with it; `sample` uses them
     champ = client.get_model_version_by_alias("genseg-diffusion", "champion")
