@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", choices=("png", "webp", "raw"), default="png",
                    help="how shards hold pixels (all lossless): png (default), webp (smaller) or raw arrays "
                         "(largest, nothing to decode when training); see bench/README.md, 'Shard encoding'")
-    p.add_argument("--chunk", type=_whole(1), default=32, help="pairs per Ray Data task and per shard file")
+    p.add_argument("--chunk", type=_whole(1), help="pairs per Ray Data task and per shard file (default 32)")
     _runtime_flags(p)
 
     p = sub.add_parser("train", help="train a model on Ray Train")

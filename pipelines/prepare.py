@@ -204,10 +204,9 @@ def work_items(source: Source) -> list[dict]:
             for i, it in enumerate(source.items)]
 
 
-def chunk_size(n: int, chunk: int | None = None) -> int:
-    """Pairs per task (and per file): big enough that a task's fixed cost is small against its
-    decoding, small enough that both cores get work early and a task's memory stays a few MB."""
-    return max(1, chunk or 32)
+# Pairs per task (and per file): big enough that a task's fixed cost is small against its decoding,
+# small enough that every core gets work early and a task holds a few MB (bench/README.md, 'Prepare')
+CHUNK = 32
 
 
 class Tally:
@@ -220,7 +219,6 @@ class Tally:
         self.counts: dict[str, int] = {}
         self.sizes: set[tuple[int, int]] = set()
         self.bytes = 0
-        self.seen = 0
 
     def add(self, batch: dict) -> int:
         n = len(batch["name"])
@@ -234,7 +232,6 @@ class Tally:
             self.counts[str(split)] = self.counts.get(str(split), 0) + 1
             self.sizes.add((int(hh), int(ww)))
             self.bytes += int(nb)
-        self.seen += n
         return n
 
 
@@ -262,7 +259,7 @@ def prepare(source: Source, out: str | Path, size: tuple[int, int] | None = None
     k_given = num_classes or (source.classes.num_classes if source.classes else None)
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = work_items(source)
-    per_task = chunk_size(len(items), chunk)
+    per_task = max(1, chunk or CHUNK)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
