@@ -84,7 +84,9 @@ class WorkerSession:
         """This worker's training batches of ``epoch`` (columnar dicts), in the epoch's seeded order.
 
         The "train" dataset is not split by Ray Data (see ``run``): every worker streams the whole
-        split and keeps its share of a permutation seeded by ``(cfg.seed, epoch)`` (engine.epoch_batches)."""
+        split and keeps its share of a permutation seeded by ``(cfg.seed, epoch)`` (engine.epoch_batches).
+        When the split fits ``$GENSEG_TRAIN_CACHE_MB`` it is streamed once: the first epoch keeps
+        it decoded in this worker and later epochs deal from that copy, with the same rows."""
         if self._train_rows is not None:
             stream = [self._train_rows]
         else:
@@ -424,8 +426,8 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
         # whichever worker asks first; local_shuffle_buffer_size only mixes a window of rows.  So
         # "train" is not split: each worker streams the whole split and keeps its share of a seeded
         # per-epoch permutation of the row names (WorkerSession.epoch_batches), holding 1/N of it in
-        # memory.  The price is N reads of the split per epoch: fine while a split is a few GB
-        # (CamVid: 250 MB raw); beyond that, split it and permute within each worker's shard.
+        # memory.  The price is N reads of the split: once per run when it fits each worker's cache
+        # (train_cache_mb), else per epoch; beyond a few GB, split it and permute within each shard.
         datasets={"train": ray.data.read_parquet(str(data_dir / "train")),
                   # val is small and read whole by every worker each epoch: keep it in memory
                   "val": ray.data.read_parquet(str(data_dir / "val")).materialize()},
