@@ -1,6 +1,5 @@
 """Shard codecs, the chunk writer behind `genseg prepare`, and reading older shard directories:
 no Ray needed (the writer is plain Python; Ray Data only fans it out)."""
-import io
 import json
 
 import numpy as np
@@ -49,14 +48,6 @@ def test_damaged_cell_is_one_error_naming_the_row():
         decode_row({**row, "image": row["image"][:40]})
     with pytest.raises(DecodeError, match=r"row 'street_7': its mask decodes to \(16, 20, 3\)"):
         decode_row({**row, "mask": row["image"]})       # an RGB picture where a mask belongs
-
-
-def test_a_source_png_is_kept_as_it_was_read(tmp_path):
-    image, mask = make_scene(0, 2, 24, 32)
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=9)
-    row = encode_row("a", image, mask, "png", image_bytes=buf.getvalue())
-    assert row["image"] == buf.getvalue()
 
 
 def _items(n, size=(20, 24)):
