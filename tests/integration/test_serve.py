@@ -116,9 +116,9 @@ def config_for(store, port: int, segmenter_user_config: dict | None = None) -> d
             d["user_config"] = segmenter_user_config or {"poll_interval_s": 1, "max_batch_size": 4}
             # one replica, always: the tests compare replica PIDs before and after a reconfigure, and
             # an earlier test's load must not leave a second replica starting (autoscaling is measured
-            # in bench/serve_load.py)
-            d.pop("autoscaling_config", None)
-            d["num_replicas"] = 1
+            # in bench/serve_load.py).  A config's num_replicas does not do it: Serve keeps the
+            # decorator's autoscaling_config (max_replicas 2) beside it, so the bound goes in there.
+            d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
         elif d["name"] == "Generator":
             d["user_config"] = {"poll_interval_s": 1}
     return config
@@ -126,10 +126,16 @@ def config_for(store, port: int, segmenter_user_config: dict | None = None) -> d
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, store):
+    import os
+
     from ray import serve
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     port = free_port(preferred=0)
     deploy(config_for(store, port))
+    details = ServeSubmissionClient(os.environ["RAY_API_SERVER_ADDRESS"]).get_serve_details()
+    assert details["applications"]["genseg"]["deployments"]["Segmenter"]["deployment_config"][
+        "autoscaling_config"]["max_replicas"] == 1          # the PID comparisons below rely on it
     yield {"url": f"http://127.0.0.1:{port}", "port": port, **store}
     serve.shutdown()
 
