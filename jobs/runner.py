@@ -252,19 +252,26 @@ def _named(models) -> dict:
 
 # ------------------------------------------------------------------ driver side
 
+def _env_number(name: str, default: str, ok, expected: str) -> float | None:
+    """``$name`` (or ``default``) as a float that passes ``ok``, None when both are empty; anything else
+    is one :class:`ConfigError` naming the variable and what it expects."""
+    text = os.environ.get(name, default).strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise config_lib.ConfigError(f"${name}={text!r}: expected {expected}")
+    return value
+
+
 def _resize_interval(elastic: bool) -> dict:
     """How often an elastic run checks whether it can grow (Ray's default 60 s;
     ``$GENSEG_ELASTIC_RESIZE_S`` sets it: each growth restarts the group from the latest checkpoint)."""
-    text = os.environ.get("GENSEG_ELASTIC_RESIZE_S", "").strip()
-    if not elastic or not text:
-        return {}
-    try:
-        value = float(text)
-        if value <= 0:
-            raise ValueError
-    except ValueError:
-        raise config_lib.ConfigError(f"GENSEG_ELASTIC_RESIZE_S={text!r}: expected seconds > 0") from None
-    return {"elastic_resize_monitor_interval_s": value}
+    value = _env_number("GENSEG_ELASTIC_RESIZE_S", "", lambda v: v > 0, "seconds > 0") if elastic else None
+    return {} if value is None else {"elastic_resize_monitor_interval_s": value}
 
 
 CACHE_ENV = "GENSEG_TRAIN_CACHE_MB"
@@ -273,13 +280,7 @@ CACHE_ENV = "GENSEG_TRAIN_CACHE_MB"
 def train_cache_mb(manifest: dict) -> float | None:
     """MB each worker needs to hold the train split decoded, when that is within ``$GENSEG_TRAIN_CACHE_MB``
     (default 2048; 0 turns caching off), else None: the split is then streamed every epoch."""
-    text = os.environ.get(CACHE_ENV, "2048")
-    try:
-        limit = float(text)
-        if not limit >= 0:
-            raise ValueError
-    except ValueError:
-        raise config_lib.ConfigError(f"${CACHE_ENV}={text!r}: expected megabytes >= 0 (0 turns the cache off)") from None
+    limit = _env_number(CACHE_ENV, "2048", lambda v: v >= 0, "megabytes >= 0 (0 turns the cache off)") or 0.0
     biggest = max((int(h) * int(w) for h, w in manifest.get("sizes") or []), default=0)
     need = manifest["splits"]["train"]["count"] * biggest * 4 / 2**20
     return need if 0 < need <= limit else None

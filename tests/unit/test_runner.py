@@ -81,3 +81,17 @@ def test_the_train_cache_takes_what_fits_the_limit(monkeypatch):
     monkeypatch.setenv("GENSEG_TRAIN_CACHE_MB", "lots")
     with pytest.raises(ConfigError, match="GENSEG_TRAIN_CACHE_MB"):
         train_cache_mb(manifest)
+
+
+def test_elastic_resize_interval_comes_from_the_environment(monkeypatch):
+    from genseg.config import ConfigError
+    from jobs.runner import _resize_interval
+
+    monkeypatch.setenv("GENSEG_ELASTIC_RESIZE_S", "5")
+    assert _resize_interval(True) == {"elastic_resize_monitor_interval_s": 5.0}
+    assert _resize_interval(False) == {}              # a fixed group has nothing to resize
+    monkeypatch.setenv("GENSEG_ELASTIC_RESIZE_S", "0")
+    with pytest.raises(ConfigError, match="GENSEG_ELASTIC_RESIZE_S"):
+        _resize_interval(True)
+    monkeypatch.delenv("GENSEG_ELASTIC_RESIZE_S")
+    assert _resize_interval(True) == {}

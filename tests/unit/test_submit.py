@@ -173,18 +173,3 @@ def test_workers_takes_a_count_or_an_elastic_range():
     assert describe_workers((1, 4)) == "1-4" and describe_workers(2) == "2"
     # an elastic run is checked against its largest group: the smallest share per worker
     assert steps_per_epoch(40, (1, 4), 5) == 2 == steps_per_epoch(40, 4, 5)
-
-
-def test_elastic_resize_interval_comes_from_the_environment(monkeypatch):
-    from genseg.config import ConfigError
-    from jobs.runner import _resize_interval
-
-    monkeypatch.setenv("GENSEG_ELASTIC_RESIZE_S", "5")
-    assert _resize_interval(True) == {"elastic_resize_monitor_interval_s": 5.0}
-    assert _resize_interval(False) == {}              # a fixed group has nothing to resize
-    monkeypatch.setenv("GENSEG_ELASTIC_RESIZE_S", "0")
-    with pytest.raises(ConfigError, match="GENSEG_ELASTIC_RESIZE_S"):
-        _resize_interval(True)
-    monkeypatch.delenv("GENSEG_ELASTIC_RESIZE_S")
-    assert _resize_interval(True) == {}
-
