@@ -48,7 +48,7 @@ STATE_FILE = "train_state.pt"
 
 # Config fields renamed since checkpoints were first written: {config type: {old name: new name}}.
 # A checkpoint that names an old field loads with its value under the new name.
-RENAMED_FIELDS: dict[str, dict[str, str]] = {"SegConfig": {}, "DiffusionConfig": {}, "GANConfig": {}}
+RENAMED_FIELDS: dict[str, dict[str, str]] = {"SegConfig": {}, "DiffusionConfig": {}, "GANConfig": {}, "VAEConfig": {}}
 
 
 def _from_format_1(doc: dict) -> dict:
@@ -287,8 +287,10 @@ def build_model(ckpt: Checkpoint, weights: str = "model") -> torch.nn.Module:
     from genseg.models.unet import build_diffusion_model
 
     from genseg.models.dcgan import build_generator
+    from genseg.models.vae import build_vae
 
-    builders = {"SegConfig": build_segmenter, "DiffusionConfig": build_diffusion_model, "GANConfig": build_generator}
+    builders = {"SegConfig": build_segmenter, "DiffusionConfig": build_diffusion_model, "GANConfig": build_generator,
+                "VAEConfig": build_vae}
     name = type(ckpt.config).__name__
     if name not in builders:
         raise CheckpointError(f"no model builder for config type {name}")

@@ -219,6 +219,89 @@ class GANConfig:
             gan_stages(self.image_size)
 
 
+@dataclass(frozen=True)
+class VAEConfig:
+    """Training config of ``genseg train vae``: a KL-regularised autoencoder (diffusers' ``AutoencoderKL``,
+    the first stage of latent diffusion, Rombach et al. 2022) trained from scratch on the shards.
+
+    ``len(channels) - 1`` halvings: (32, 64, 128) compresses by 4 per side, (32, 64, 128, 128) by 8.
+    The loss is ``l1_weight * |x - x'| + ssim_weight * (1 - SSIM) + kl_weight * KL`` with the L1 and
+    SSIM terms averaged over pixel values and the KL summed over latent values then divided by the
+    number of pixel values, so ``kl_weight`` means what it does in the LDM recipe (1e-6 against a
+    summed reconstruction loss).  ``disc_weight > 0`` adds a PatchGAN discriminator (hinge) from
+    epoch ``disc_start`` on."""
+    image_size: tuple[int, int] | None = None   # (H, W) images are resized to; None = shard size
+    crop: tuple[int, int] | None = None          # (H, W) random training crop; None = whole images
+    # network
+    channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_groups: int = 32                # GroupNorm groups; must divide every entry of channels
+    attention: bool = False              # self-attention in the middle block (memory grows with H*W squared)
+    # objective
+    l1_weight: float = 1.0
+    ssim_weight: float = 0.2
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.0             # PatchGAN hinge loss weight; 0 = no discriminator
+    disc_start: int = 0                  # epoch from which the discriminator trains and counts
+    disc_channels: int = 32
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 8                  # per worker
+    lr: float = 5e-4
+    d_lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    lr_schedule: str = "cosine"          # poly | cosine | constant
+    hflip: bool = True
+    ema_decay: float = 0.999             # EMA of the weights, used for val, encoding and decoding
+    image_every: int = 2                 # log an image | reconstruction picture every N epochs
+    seed: int = 0
+    amp: str = "none"                    # precision under --gpu: bf16 | none
+    threads_per_worker: int = 0
+
+    @property
+    def factor(self) -> int:
+        """Pixels per latent cell along each side."""
+        return 2 ** (len(self.channels) - 1)
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "lr_schedule", ("poly", "cosine", "constant"))
+        _check_choice(self, "amp", ("bf16", "none"))
+        for name in ("epochs", "batch_size", "layers_per_block", "latent_channels", "norm_groups", "disc_channels",
+                     "image_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
+        if not 2 <= len(self.channels) <= 5 or any(c < 1 for c in self.channels):
+            raise ConfigError(f"config field 'channels' needs 2 to 5 positive widths (factor 2 to 16), "
+                              f"got {self.channels}")
+        if any(c % self.norm_groups for c in self.channels):
+            raise ConfigError(f"config field 'norm_groups' ({self.norm_groups}) must divide every entry of "
+                              f"'channels' {self.channels}")
+        for name in ("lr", "d_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"config field '{name}' must be > 0, got {getattr(self, name)}")
+        for name in ("l1_weight", "ssim_weight", "kl_weight", "disc_weight", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"config field '{name}' must be >= 0, got {getattr(self, name)}")
+        if self.l1_weight + self.ssim_weight <= 0:
+            raise ConfigError("config fields 'l1_weight' and 'ssim_weight' cannot both be 0: nothing would be "
+                              "reconstructed")
+        if self.disc_start < 0:
+            raise ConfigError(f"config field 'disc_start' must be >= 0, got {self.disc_start}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"config field 'ema_decay' must be in [0, 1), got {self.ema_decay}")
+        for name in ("image_size", "crop"):
+            size = getattr(self, name)
+            if size is not None and (size[0] % self.factor or size[1] % self.factor or min(size) < self.factor):
+                raise ConfigError(f"config field '{name}' {tuple(size)} must be a multiple of the VAE factor "
+                                  f"{self.factor} on both sides")
+        if self.crop is not None and self.image_size is not None and (
+                self.crop[0] > self.image_size[0] or self.crop[1] > self.image_size[1]):
+            raise ConfigError(f"config field 'crop' {tuple(self.crop)} is larger than image_size "
+                              f"{tuple(self.image_size)}")
+
+
 def _check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(cfg, name)
     if value not in choices:
@@ -321,7 +404,8 @@ def to_json(cfg: Any) -> str:
     return json.dumps({"type": type(cfg).__name__, "fields": asdict(cfg)}, indent=2, sort_keys=True)
 
 
-CONFIGS: dict[str, type] = {"SegConfig": SegConfig, "DiffusionConfig": DiffusionConfig, "GANConfig": GANConfig}
+CONFIGS: dict[str, type] = {"SegConfig": SegConfig, "DiffusionConfig": DiffusionConfig, "GANConfig": GANConfig,
+                           "VAEConfig": VAEConfig}
 
 
 def from_json(text: str) -> Any:

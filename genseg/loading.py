@@ -2,6 +2,7 @@
 
     seg = load(resolved, expect="segmenter")          # -> genseg.segmenter.Segmenter
     gen = load(resolved, expect="generator")          # -> a genseg.generation.Generator
+    vae = load(resolved, expect="vae")                # -> genseg.vae.autoencoder.Autoencoder
 
 Every command, bench script, Tune trial and Serve replica loads models through :func:`load`,
 after resolving a REF once with :func:`genseg.tracking.resolve`.  Only weights are read
@@ -20,6 +21,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "SegConfig": ("segmenter", "segmenter"),
     "DiffusionConfig": ("diffusion", "generator"),
     "GANConfig": ("gan", "generator"),
+    "VAEConfig": ("vae", "autoencoder"),
 }
 
 
@@ -50,13 +52,20 @@ def load(source: Any, *, expect: str | None = None, device: str = "cpu", weights
     kind, role = KINDS[name]
     if expect is not None and expect not in (kind, role):
         what = {"segmenter": "a segmenter (genseg train seg)", "generator": "a generative model "
-                "(genseg train diffusion or genseg train gan)"}.get(expect, expect)
+                "(genseg train diffusion or genseg train gan)", "vae": "an autoencoder (genseg train vae)",
+                "autoencoder": "an autoencoder (genseg train vae)"}.get(expect, expect)
         raise WrongModelKind(f"{ref} is a {kind} model ({name}), but this command needs {what}")
     classes = ck.meta.get("classes") or {}
     if kind == "segmenter":
         from genseg.segmenter import Segmenter
 
         model = Segmenter(ckpt_lib.build_model(ck), ck.config, classes, device)
+    elif kind == "vae":
+        from genseg.vae.autoencoder import Autoencoder
+
+        used = "ema" if weights == "ema" and ckpt_lib.load_weights(path, "ema") is not None else "model"
+        model = Autoencoder(ckpt_lib.build_model(ck, weights=used), ck.config, ck.meta.get("latent_scale", 1.0),
+                            device, used)
     else:
         used = weights
         if weights == "ema" and ckpt_lib.load_weights(path, "ema") is None:

@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(p)
 
     p = sub.add_parser("train", help="train a model on Ray Train")
-    p.add_argument("task", choices=("seg", "diffusion", "gan"))
+    p.add_argument("task", choices=("seg", "diffusion", "gan", "vae"),
+                   help="seg: FCN segmenter; diffusion: DDPM; gan: DCGAN family; vae: the autoencoder of latent "
+                        "diffusion")
     p.add_argument("--data", required=True, help="shard directory from `genseg prepare`")
     p.add_argument("--workers", type=_workers, default=2,
                    help="Ray Train workers: N, or MIN-MAX for an elastic run that shrinks when workers or nodes "
@@ -380,10 +382,11 @@ GAN_ONLY = ("loss",)
 def task_config(args):
     """The task's config dataclass: YAML preset, then named flags, then ``--set`` overrides."""
     from genseg import config as config_lib
-    from genseg.config import DiffusionConfig, GANConfig, SegConfig
+    from genseg.config import DiffusionConfig, GANConfig, SegConfig, VAEConfig
 
-    cls = {"seg": SegConfig, "diffusion": DiffusionConfig, "gan": GANConfig}[args.task]
-    wrong = {"seg": GENERATIVE_ONLY + GAN_ONLY, "diffusion": SEG_ONLY + GAN_ONLY, "gan": SEG_ONLY}[args.task]
+    cls = {"seg": SegConfig, "diffusion": DiffusionConfig, "gan": GANConfig, "vae": VAEConfig}[args.task]
+    wrong = {"seg": GENERATIVE_ONLY + GAN_ONLY, "diffusion": SEG_ONLY + GAN_ONLY, "gan": SEG_ONLY,
+             "vae": SEG_ONLY + GENERATIVE_ONLY + GAN_ONLY}[args.task]
     for flag in wrong:
         if getattr(args, flag, None) is not None:
             raise UsageError(f"--{flag.replace('_', '-')} does not apply to `train {args.task}`")
@@ -406,6 +409,8 @@ def cmd_train(args, rt) -> int:
         from jobs import train_seg as job
     elif args.task == "gan":
         from jobs import train_gan as job
+    elif args.task == "vae":
+        from jobs import train_vae as job
     else:
         from jobs import train_diffusion as job
     if args.task != "seg":   # the model the data implies (e.g. a GAN's image size), checked before Ray starts
@@ -427,7 +432,7 @@ def cmd_train(args, rt) -> int:
                               f"{_resume_command(args, run_name)}") from None
     reg = summary.get("registered")
     score = summary["best_score"]
-    shown = f"{100 * score:.2f}" if summary["score"] == "val_miou" else f"{score:.4f}"
+    shown = {"val_miou": f"{100 * score:.2f}", "val_psnr": f"{score:.2f} dB"}.get(summary["score"], f"{score:.4f}")
     print(f"run '{summary['run_name']}': epoch {summary['final_epoch'] + 1} done, best {summary['score']} "
           f"{shown} (epoch {summary['best_epoch'] + 1})")
     if reg:
