@@ -85,6 +85,10 @@ class DiffusionConfig:
     num_classes: int = 0                 # filled from the shard manifest
     ignore_index: int = 255
     image_size: tuple[int, int] | None = None   # (H, W) the model is trained at; None = shard size
+    # latent diffusion (genseg train diffusion --latent REF): the UNet works on an autoencoder's latents,
+    # image_size is then the latent grid, and sampling decodes to latent_factor times that size
+    latent_channels: int = 0             # 0 = pixel space (3 channels); else the autoencoder's latent channels
+    latent_factor: int = 1               # pixels per latent cell along each side (1 = pixel space)
     # network: diffusers UNet2DModel
     channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
@@ -132,6 +136,10 @@ class DiffusionConfig:
             raise ConfigError(f"config field 'ema_decay' must be in [0, 1), got {self.ema_decay}")
         if not self.channels or any(c % 8 for c in self.channels):
             raise ConfigError(f"config field 'channels' needs multiples of 8, got {self.channels}")
+        if self.latent_channels < 0 or self.latent_factor < 1 or (self.latent_channels == 0) != (self.latent_factor == 1):
+            raise ConfigError(f"config fields 'latent_channels'/'latent_factor' ({self.latent_channels}, "
+                              f"{self.latent_factor}) are set by --latent: (0, 1) for a pixel model, both larger "
+                              f"for a latent one")
         if self.image_size is not None:
             f = 2 ** (len(self.channels) - 1)
             if self.image_size[0] % f or self.image_size[1] % f:

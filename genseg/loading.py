@@ -77,8 +77,9 @@ def load(source: Any, *, expect: str | None = None, device: str = "cpu", weights
         else:
             from genseg.diffusion.generator import DiffusionGenerator
 
+            decoder = autoencoder_of(ck, path, ref, device) if ck.config.latent_channels else None
             model = DiffusionGenerator(ckpt_lib.build_model(ck, weights=used), ck.config, classes,
-                                       sampling or sampling_of(ck), device, used)
+                                       sampling or sampling_of(ck), device, used, decoder)
     # where it came from, for reports and response headers
     model.epoch, model.path, model.ref, model.meta = ck.epoch, path, ref, ck.meta
     model.version = getattr(source, "version", None)
@@ -97,3 +98,25 @@ def sampling_of(ck: ckpt_lib.Checkpoint) -> SamplingSettings | None:
     if all(hasattr(cfg, f) for f in ("sampler", "sample_steps", "guidance")):
         return SamplingSettings(cfg.sampler, cfg.sample_steps, float(cfg.guidance))
     return None
+
+
+def autoencoder_of(ck: ckpt_lib.Checkpoint, path: Path, ref: str, device: str = "cpu"):
+    """The autoencoder a latent diffusion checkpoint carries: its ``vae`` weights and, in its meta, the
+    autoencoder's config and latent scale (``meta["vae"]``)."""
+    from genseg import config as config_lib
+    from genseg.models.vae import build_vae
+    from genseg.vae.autoencoder import Autoencoder
+
+    info = ck.meta.get("vae") or {}
+    weights = ckpt_lib.load_weights(path, "vae")
+    if not info.get("config") or weights is None:
+        raise ckpt_lib.CheckpointError(f"{ref}: a latent diffusion checkpoint without its autoencoder "
+                                       f"(vae.safetensors and meta.vae); train it again with --latent")
+    cfg = config_lib.from_dict(config_lib.VAEConfig, info["config"])
+    if cfg.latent_channels != ck.config.latent_channels or cfg.factor != ck.config.latent_factor:
+        raise ckpt_lib.CheckpointError(
+            f"{ref}: its autoencoder makes {cfg.latent_channels}-channel latents at factor {cfg.factor}, but the "
+            f"diffusion model was trained on {ck.config.latent_channels} channels at factor {ck.config.latent_factor}")
+    net = build_vae(cfg)
+    net.load_state_dict(weights)
+    return Autoencoder(net, cfg, info.get("latent_scale", 1.0), device, "ema")

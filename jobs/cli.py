@@ -151,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=_whole(1), help="pairs per Ray Data task and per shard file (default 32)")
     _runtime_flags(p)
 
+    p = sub.add_parser("encode", help="encode shards to latent shards with a trained autoencoder (latent diffusion)")
+    p.add_argument("--data", required=True, help="pixel shard directory from `genseg prepare`")
+    p.add_argument("--out", required=True, help="the latent shard directory to write")
+    p.add_argument("--vae", default="models:/genseg-vae@champion", help="autoencoder REF (genseg train vae)")
+    p.add_argument("--size", type=_size, help="encode images at HxW (default: the shards' size; a multiple of the "
+                                              "autoencoder's factor)")
+    p.add_argument("--actors", type=_whole(1), default=2, help="encoding actors (Ray Data batch inference)")
+    _runtime_flags(p)
+
     p = sub.add_parser("train", help="train a model on Ray Train")
     p.add_argument("task", choices=("seg", "diffusion", "gan", "vae"),
                    help="seg: FCN segmenter; diffusion: DDPM; gan: DCGAN family; vae: the autoencoder of latent "
@@ -171,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     from genseg.config import GAN_LOSSES
 
     p.add_argument("--loss", choices=GAN_LOSSES, help="gan: the objective (default hinge)")
+    p.add_argument("--latent", metavar="REF", help="diffusion: train in the latent space of this autoencoder "
+                                                   "(e.g. models:/genseg-vae@champion); the shards are encoded "
+                                                   "once and cached in the workdir")
     p.add_argument("--config", help="YAML file of config fields")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set crop=256x256 (repeatable)")
@@ -374,6 +386,32 @@ def cmd_prepare(args, rt) -> int:
     return 0
 
 
+def cmd_encode(args, rt) -> int:
+    import tempfile
+
+    from jobs.runtime import init_ray
+    from pipelines.latents import encode_shards
+
+    with tempfile.TemporaryDirectory(prefix="genseg-vae-") as tmp:
+        resolved, vae = _resolve(args.vae, rt, tmp, "vae")
+        init_ray(rt)
+        m = encode_shards(args.data, resolved.path, args.out, vae_ref=_ref_name(resolved), size=args.size,
+                          actors=args.actors, progress=sys.stdout.isatty())
+    n = sum(v["count"] for v in m["splits"].values())
+    lat = m["latent"]
+    print(f"wrote {args.out}: {n} images at {lat['image_size'][0]}x{lat['image_size'][1]} -> latents "
+          f"{lat['channels']}x{m['size'][0]}x{m['size'][1]} (factor {lat['factor']}, scale {lat['scale']:.4f}) by "
+          f"{lat['vae']}; {m['bytes'] / 2**20:.1f} MiB; {m['seconds']:.1f}s")
+    return 0
+
+
+def _ref_name(resolved) -> str:
+    """``name/version`` for a registry model, else the REF as given."""
+    if getattr(resolved, "name", None) and getattr(resolved, "version", None):
+        return f"{resolved.name}/{resolved.version}"
+    return str(getattr(resolved, "ref", resolved.path))
+
+
 SEG_ONLY = ("arch", "backbone", "class_weights")
 GENERATIVE_ONLY = ("cond",)
 GAN_ONLY = ("loss",)
@@ -413,7 +451,9 @@ def cmd_train(args, rt) -> int:
         from jobs import train_vae as job
     else:
         from jobs import train_diffusion as job
-    if args.task != "seg":   # the model the data implies (e.g. a GAN's image size), checked before Ray starts
+    if args.latent and args.task != "diffusion":
+        raise UsageError(f"--latent applies to `train diffusion`, not `train {args.task}`")
+    if args.task != "seg" and not args.latent:   # the model the data implies (e.g. a GAN's size), before Ray starts
         from genseg.data.shards import read_manifest
 
         job.build_config(read_manifest(args.data), cfg, Path(args.data))
@@ -425,6 +465,8 @@ def cmd_train(args, rt) -> int:
             common = dict(workers=args.workers, gpu=args.gpu, run_name=run_name, max_failures=args.max_failures,
                           cpus_per_worker=args.cpus_per_worker, promote=args.promote, spread=args.spread)
             extra = {"class_weights": args.class_weights} if args.task == "seg" else {}
+            if args.latent:
+                extra["latent"] = args.latent
             summary = interruptible(job.run, args.data, cfg, rt, **extra, **common)
         except KeyboardInterrupt:
             _mark_interrupted(job.TASK.experiment, run_name)
@@ -685,7 +727,7 @@ class Interrupted(Exception):
     """Ctrl-C, with what to do next; exits 130 like any interrupted command."""
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "edit": cmd_edit,
+COMMANDS = {"prepare": cmd_prepare, "encode": cmd_encode, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "edit": cmd_edit,
             "tune": cmd_tune, "serve": cmd_serve, "demo": cmd_demo, "submit": cmd_submit, "jobs": cmd_jobs}
 
 

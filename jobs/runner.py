@@ -30,7 +30,7 @@ from genseg import checkpoint as ckpt_lib
 from genseg import config as config_lib
 from genseg import engine
 from genseg import rng as rng_lib
-from genseg.data.shards import COLUMNS, decode_batch, encode_row
+from genseg.data.shards import COLUMNS, LATENT, decode_batch, encode_row
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,10 @@ class WorkerSession:
         rows: dict[str, list] = {k: [] for k in COLUMNS}
         for batch in stream:
             yield batch
+            if "codec" in batch and len(batch["name"]) and str(batch["codec"][0]) == LATENT:
+                for k in COLUMNS:     # latent rows decode by a reshape already: kept as they are
+                    rows[k].extend(batch[k])
+                continue
             for name, (image, mask) in zip(batch["name"], decode_batch(batch)):
                 row = encode_row(str(name), np.ascontiguousarray(image), np.ascontiguousarray(mask), "raw")
                 for k in COLUMNS:
@@ -358,9 +362,9 @@ def fill_from_manifest(manifest: dict, base: Any, data_dir: Path) -> Any:
 
 
 def fit(task: Task, data: str, cfg: Any, rt, build_config: Callable[[dict, Any, Path], Any] = fill_from_manifest,
-        *, workers: int = 2, run_name: str | None = None, **kw) -> dict:
-    """Shards -> completed config -> :func:`run`, for a task whose loop needs only the standard
-    runtime (steps per epoch and the train split's row names)."""
+        *, workers: int = 2, run_name: str | None = None, runtime: dict | None = None, **kw) -> dict:
+    """Shards -> completed config -> :func:`run`, for a task whose loop needs the standard runtime
+    (steps per epoch and the train split's row names) plus, optionally, entries of its own (``runtime``)."""
     from genseg.data.shards import read_manifest
 
     data_dir = Path(data).resolve()
@@ -368,7 +372,7 @@ def fit(task: Task, data: str, cfg: Any, rt, build_config: Callable[[dict, Any, 
     check_splits(data_dir, manifest)
     cfg = build_config(manifest, cfg, data_dir)
     steps = steps_per_epoch(manifest["splits"]["train"]["count"], workers, cfg.batch_size)
-    runtime = {"steps_per_epoch": steps, "train_names": train_names(data_dir)}
+    runtime = {**(runtime or {}), "steps_per_epoch": steps, "train_names": train_names(data_dir)}
     return run(task, data_dir, manifest, cfg, rt, runtime, workers=workers,
                run_name=run_name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}", **kw)
 

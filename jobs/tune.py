@@ -559,8 +559,10 @@ def promote(task: str, model_dir: Path, opts: TuneOptions, rt, run_id: str, samp
     if task == "seg":
         from jobs.train_seg import TASK
     else:
-        from jobs.train_diffusion import TASK
+        from jobs.train_diffusion import LATENT_TASK, TASK
     ck = ckpt_lib.load(model_dir)
+    if getattr(ck.config, "latent_channels", 0):
+        TASK = LATENT_TASK             # noqa: N806 (a latent model keeps to its own registry)
     metrics = dict(ck.meta.get("metrics") or {})
     with tempfile.TemporaryDirectory() as tmp:
         src = model_dir

@@ -15,6 +15,11 @@ A row holds one (image, mask) pair:
 
 Every codec is lossless: the decoded pixels are the ones ``genseg prepare`` validated and
 histogrammed.  A shard directory holds ``<split>/*.parquet`` plus ``manifest.json``.
+
+Latent shards (``genseg encode``, pipelines/latents.py) use the same row with codec ``latent``:
+``height``/``width`` are the latent grid's, ``image`` holds the autoencoder's latents as float16
+``(C, h, w)`` and ``mask`` the label map on that grid (raw uint8); :func:`decode_row` returns the
+latents as a float32 ``(C, h, w)`` array in place of the image.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from genseg.errors import InputError
 MANIFEST = "manifest.json"
 COLUMNS = ("name", "height", "width", "image", "mask", "codec")
 CODECS = ("raw", "png", "webp")
+LATENT = "latent"
 
 
 class DecodeError(InputError):
@@ -83,10 +89,26 @@ def _decode_image(data: bytes, shape: tuple[int, ...], what: str, name: str) -> 
     return array
 
 
+def encode_latent_row(name: str, latents: np.ndarray, mask: np.ndarray) -> dict:
+    """One latent shard row: ``latents (C, h, w)`` (stored as float16), ``mask (h, w) uint8``."""
+    c, h, w = latents.shape
+    assert mask.shape == (h, w) and mask.dtype == np.uint8
+    return {"name": name, "height": h, "width": w, "image": latents.astype(np.float16).tobytes(),
+            "mask": np.ascontiguousarray(mask).tobytes(), "codec": LATENT}
+
+
 def decode_row(row: dict) -> tuple[np.ndarray, np.ndarray]:
-    """-> ``image (H, W, 3) uint8``, ``mask (H, W) uint8``."""
+    """-> ``image (H, W, 3) uint8``, ``mask (H, W) uint8``; for a latent row ``latents (C, h, w) float32``
+    and ``mask (h, w) uint8``."""
     h, w = int(row["height"]), int(row["width"])
     codec = row.get("codec") or "raw"
+    if codec == LATENT:
+        data, name = row["image"], str(row.get("name"))
+        if h < 1 or w < 1 or len(data) % (2 * h * w) or len(row["mask"]) != h * w:
+            raise DecodeError(f"row {name!r}: {len(data)} latent bytes and {len(row['mask'])} mask bytes do not "
+                              f"fit a {h}x{w} grid; the shard is damaged: encode the shards again")
+        latents = np.frombuffer(data, dtype=np.float16).reshape(-1, h, w).astype(np.float32)
+        return latents, np.frombuffer(row["mask"], dtype=np.uint8).reshape(h, w)
     if codec == "raw":
         image = np.frombuffer(row["image"], dtype=np.uint8).reshape(h, w, 3)
         mask = np.frombuffer(row["mask"], dtype=np.uint8).reshape(h, w)

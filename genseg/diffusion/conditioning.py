@@ -29,3 +29,18 @@ def drop_condition(cond: torch.Tensor, p_uncond: float, generator: torch.Generat
         return cond
     drop = torch.rand(cond.shape[0], generator=generator, device="cpu").to(cond.device) < p_uncond
     return torch.where(drop[:, None, None, None], null_condition(cond), cond)
+
+
+def pool_labels(mask: torch.Tensor, factor: int, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """``mask (B, H, W)`` -> ``(B, H / factor, W / factor)``: each ``factor x factor`` cell takes its most
+    frequent class (ties: the lower id); a cell with no labelled pixel is ``ignore_index``.  A latent
+    model's condition on its grid: nearest sampling would keep one pixel of 16 or 64 and drop thin
+    classes at random."""
+    if factor == 1:
+        return mask.long()
+    b, h, w = mask.shape
+    if h % factor or w % factor:
+        raise ValueError(f"label maps of {h}x{w} do not pool to a grid of factor {factor}")
+    counts = F.avg_pool2d(encode_labels(mask, num_classes, ignore_index)[:, :num_classes], factor)
+    best = counts.argmax(1)
+    return best.where(counts.amax(1) > 0, torch.full_like(best, ignore_index))

@@ -1,10 +1,16 @@
-"""A pixel-space DDPM as a :class:`genseg.generation.Generator`: the one object that ``sample``,
-``eval gen``, ``edit`` and Serve hold for a diffusion model."""
+"""A DDPM as a :class:`genseg.generation.Generator`: the one object that ``sample``, ``eval gen``,
+``edit``, Tune and Serve hold for a diffusion model, in pixel space or in an autoencoder's latent space.
+
+A latent model (``latent_channels > 0``) carries its autoencoder (``decoder``): it samples latents on
+its grid and decodes them, takes label maps at full resolution (pooled to the grid by majority), and
+inpaints in latent space (RePaint) before compositing in pixel space.  ``image_size`` is the
+decoded size either way, so callers cannot tell the two apart."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from genseg.diffusion.conditioning import encode_labels, null_condition
+from genseg.diffusion.conditioning import encode_labels, null_condition, pool_labels
 from genseg.diffusion.inpaint import inpaint as repaint
 from genseg.diffusion.sampling import from_uint8, sample, to_uint8
 from genseg.diffusion.schedules import make_train_scheduler
@@ -16,13 +22,19 @@ class DiffusionGenerator:
 
     def __init__(self, model: torch.nn.Module, cfg, classes: dict | None = None,
                  sampling: SamplingSettings | None = None, device: str | torch.device = "cpu",
-                 weights: str = "ema"):
+                 weights: str = "ema", decoder=None):
         self.model = model.to(device).eval()
         self.config = cfg
         self.device = torch.device(device)
         self.weights = weights
         self.noise = make_train_scheduler(cfg)
-        self.image_size = tuple(cfg.image_size)
+        self.factor = cfg.latent_factor
+        self.grid = tuple(cfg.image_size)                   # the UNet's size: pixels, or latent cells
+        self.image_size = (self.grid[0] * self.factor, self.grid[1] * self.factor)
+        self.channels = cfg.latent_channels or 3
+        if cfg.latent_channels and decoder is None:
+            raise ValueError("a latent diffusion model needs its autoencoder (decoder=)")
+        self.decoder = decoder
         self.num_classes = cfg.num_classes
         self.ignore_index = cfg.ignore_index
         self.conditional = cfg.cond == "mask"
@@ -41,9 +53,15 @@ class DiffusionGenerator:
         if not self.conditional:
             return None, False
         if condition is None:   # the unconditional branch, trained through condition dropout
-            return null_condition(torch.zeros(n, self.num_classes + 1, *self.image_size)), False
+            return null_condition(torch.zeros(n, self.num_classes + 1, *self.grid)), False
         labels = labels_at(condition, self.image_size)
+        if self.factor > 1:     # the latent grid's labels, as the latent shards hold them
+            labels = pool_labels(labels, self.factor, self.num_classes, self.ignore_index)
         return encode_labels(labels, self.num_classes, self.ignore_index), True
+
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's output -> ``(B, H, W, 3) uint8``: latents are decoded first."""
+        return to_uint8(self.decoder.decode(x) if self.decoder is not None else x)
 
     # ------------------------------------------------------------------ the interface
 
@@ -61,9 +79,9 @@ class DiffusionGenerator:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             c = None if cond is None else cond[start: start + b]
-            x = sample(self.model, self.noise, (b, 3, *self.image_size), cond=c, w=w, sampler=s.sampler,
+            x = sample(self.model, self.noise, (b, self.channels, *self.grid), cond=c, w=w, sampler=s.sampler,
                        steps=s.steps, generator=gen, device=self.device, progress=progress)
-            out.append(to_uint8(x))
+            out.append(self._pixels(x))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -82,10 +100,14 @@ class DiffusionGenerator:
         cond, real = self._cond(condition, n)
         w = s.guidance if real else 1.0
         m = holes.reshape(n, 1, *self.image_size).float()
-        x = repaint(self.model, self.noise, from_uint8(images), m, cond=cond, w=w, sampler=s.sampler,
+        known = from_uint8(images)
+        if self.decoder is not None:   # RePaint in latent space: a cell is regenerated if any pixel of it is
+            known = self.decoder.encode(known)
+            m = F.max_pool2d(m, self.factor)
+        x = repaint(self.model, self.noise, known, m, cond=cond, w=w, sampler=s.sampler,
                     steps=s.steps, resample=resample, generator=torch.Generator().manual_seed(seed),
                     device=self.device)
-        out = to_uint8(x)
+        out = self._pixels(x)
         keep = ~holes.reshape(n, *self.image_size).bool()
         out[keep] = images[keep]
         return out

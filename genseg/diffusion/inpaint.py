@@ -44,7 +44,7 @@ def inpaint(model, train_scheduler, x_known: torch.Tensor, mask: torch.Tensor, *
             else:
                 break
         x = x_prev
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if train_scheduler.config.clip_sample else x
 
 
 def feather(mask: np.ndarray, radius: int) -> np.ndarray:

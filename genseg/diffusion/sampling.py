@@ -21,9 +21,10 @@ SAMPLERS: dict[str, Callable] = {
     # training config); DPM-Solver++ gets dynamic thresholding (Saharia et al. 2022), as its authors
     # recommend for guided pixel-space sampling.  Without it, a label-conditioned model at w=2 gave
     # FD 67.5 / segmenter mIoU 0.16 on synthetic scenes where DDIM gave 2.6 / 0.65 (bench/README.md).
+    # A latent model's scheduler does not clip (its latents are not bounded): no thresholding either.
     "dpmpp": lambda config: DPMSolverMultistepScheduler.from_config(
         config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
-        thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=3.0),
+        thresholding=bool(config.get("clip_sample", True)), dynamic_thresholding_ratio=0.995, sample_max_value=3.0),
 }
 
 
@@ -42,7 +43,8 @@ def make_sampler(name: str, train_scheduler, steps: int):
 def sample(model, train_scheduler, shape: tuple[int, int, int, int], *, cond: torch.Tensor | None = None,
            w: float = 1.0, sampler: str = "ddim", steps: int = 25, generator: torch.Generator | None = None,
            device="cpu", progress: bool = False) -> torch.Tensor:
-    """Draw ``shape = (B, 3, H, W)`` images in [-1, 1]; seeded by ``generator``."""
+    """Draw ``shape = (B, 3, H, W)`` images in [-1, 1] (or ``(B, C, h, w)`` latents, unclipped, for a latent
+    model's scheduler); seeded by ``generator``."""
     sched = make_sampler(sampler, train_scheduler, steps)
     x = torch.randn(shape, generator=generator).to(device)
     x = x * sched.init_noise_sigma
@@ -56,7 +58,7 @@ def sample(model, train_scheduler, shape: tuple[int, int, int, int], *, cond: to
         x_in = sched.scale_model_input(x, t)
         out = guided_output(model, x_in, t.to(device), cond, w)
         x = sched.step(out, t, x, generator=generator).prev_sample
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if train_scheduler.config.clip_sample else x
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

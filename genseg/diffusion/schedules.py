@@ -23,7 +23,9 @@ def make_train_scheduler(cfg) -> DDPMScheduler:
         raise ValueError(f"unknown noise schedule {cfg.schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
     return DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_schedule=BETA_SCHEDULES[cfg.schedule],
                          beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                         prediction_type=cfg.prediction, clip_sample=True)
+                         prediction_type=cfg.prediction,
+                         # pixels live in [-1, 1]; a latent model's latents (unit variance) do not
+                         clip_sample=not getattr(cfg, "latent_channels", 0))
 
 
 def alpha_bar(cfg) -> torch.Tensor:

@@ -21,8 +21,9 @@ class DiffusionUNet(nn.Module):
         up = ["UpBlock2D"] * levels
         if cfg.attention:
             down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+        self.data_channels = cfg.latent_channels or 3        # an autoencoder's latents, or RGB
         self.unet = UNet2DModel(
-            in_channels=3 + self.cond_channels, out_channels=3,
+            in_channels=self.data_channels + self.cond_channels, out_channels=self.data_channels,
             block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
             down_block_types=tuple(down), up_block_types=tuple(up),
             norm_num_groups=min(8, cfg.channels[0]), attention_head_dim=8,

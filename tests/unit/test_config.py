@@ -58,7 +58,8 @@ def test_every_config_round_trips_through_checkpoint_json_with_tuples(name):
     cls = C.CONFIGS[name]
     tuple_over = {"SegConfig": {"crop": [48, 64], "class_weights": [1, 2.5, 3, 1, 1, 1]},
                   "DiffusionConfig": {"image_size": [32, 48], "channels": [16, 32, 64]},
-                  "GANConfig": {"image_size": [64, 80]}}[name]
+                  "GANConfig": {"image_size": [64, 80]},
+                  "VAEConfig": {"image_size": [64, 80], "crop": [32, 48], "channels": [32, 64, 64]}}[name]
     tuple_fields = {f.name for f in dataclasses.fields(cls) if "tuple" in str(f.type)}
     assert tuple_fields == set(tuple_over)                # a new tuple field must be added above
     cfg = C.replace(cls(), tuple_over)
