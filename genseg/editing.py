@@ -8,9 +8,14 @@ Works with any :class:`genseg.generation.Generator` (its ``inpaint``) and a
   from the surrounding classes, e.g. road under a removed car).
 * :func:`replace_background` - keep the chosen foreground classes, synthesize everything else from
   a label map (or unconditionally).
+* :func:`outpaint` - grow the canvas by the given margins and fill the new pixels, conditioned on
+  the segmenter's labels grown outwards (or a given label map).
 
-The result is composited with the original outside a feathered mask: pixels outside the edited
-region are bit-identical to the input.
+The model works at its own size.  By default the whole image is resized to it; ``crop`` ("only the
+region") cuts the region's bounding box plus a margin, grown to the model's aspect ratio, so a small
+region is filled at the model's full resolution and pasted back in place.  The result is
+composited with the original inside a feathered mask: pixels outside the edited region are
+bit-identical to the input.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ class EditOptions:
     dilate: int = 3          # grow the selected region by this many pixels (at image resolution)
     feather: int = 2         # soft edge inside the region, in pixels
     seed: int = 0
+    crop: bool = False       # "only the region": fill a box around it at the model's size, paste it back
+    margin: int = 16         # context around the region's bounding box in crop mode, in pixels
 
 
 def segment(segmenter, image: np.ndarray) -> np.ndarray:
@@ -112,12 +119,81 @@ def background_region(labels: np.ndarray, keep: list[int], label_map: np.ndarray
     return ~foreground, cond_labels
 
 
+def crop_box(region: np.ndarray, size: tuple[int, int], margin: int) -> tuple[int, int, int, int]:
+    """-> ``(top, left, height, width)``: the bounding box of ``region`` plus ``margin`` pixels, grown to
+    the aspect ratio of the model's ``size`` (so the fill is not stretched) and kept inside the
+    image; as large as the image in a direction where it cannot fit."""
+    ys, xs = np.nonzero(region)
+    big_h, big_w = region.shape
+    y0, y1 = ys.min() - margin, ys.max() + 1 + margin
+    x0, x1 = xs.min() - margin, xs.max() + 1 + margin
+    h, w = y1 - y0, x1 - x0
+    aspect = size[0] / size[1]
+    if h / w < aspect:
+        h = int(np.ceil(w * aspect))
+    else:
+        w = int(np.ceil(h / aspect))
+    h, w = min(h, big_h), min(w, big_w)
+    top = int(round((ys.min() + ys.max() + 1) / 2 - h / 2))
+    left = int(round((xs.min() + xs.max() + 1) / 2 - w / 2))
+    return min(max(top, 0), big_h - h), min(max(left, 0), big_w - w), h, w
+
+
 def _fill(gen, image: np.ndarray, region: np.ndarray, labels: np.ndarray | None, opts: EditOptions,
           sampling: dict | None = None) -> np.ndarray:
-    """Regenerate ``region`` of ``image`` at the model's size, then composite at full size."""
-    x, hole, lab = model_inputs(image, region, labels if gen.conditional else None, tuple(gen.image_size))
+    """Regenerate ``region`` of ``image`` at the model's size, then composite at full size (in crop
+    mode: a box around the region, pasted back where it was cut)."""
+    labels = labels if gen.conditional else None
+    if opts.crop:
+        top, left, h, w = crop_box(region, tuple(gen.image_size), opts.margin)
+        box = (slice(top, top + h), slice(left, left + w))
+        sub = _fill(gen, image[box], region[box], None if labels is None else labels[box],
+                    EditOptions(**{**opts.__dict__, "crop": False}), sampling)
+        out = image.copy()
+        out[box] = sub
+        return out
+    x, hole, lab = model_inputs(image, region, labels, tuple(gen.image_size))
     out = gen.inpaint(x, hole, lab, opts.seed, resample=opts.resample, **(sampling or {}))
     return paste(image, out, region, opts.feather)
+
+
+SIDES = ("top", "bottom", "left", "right")
+
+
+def extend_canvas(image: np.ndarray, extend: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """-> (the image on a canvas grown by ``extend`` pixels per side, its border replicated into the new
+    pixels; the new pixels ``(H', W') bool``)."""
+    t, b, l, r = (int(extend.get(k, 0)) for k in SIDES)
+    canvas = np.pad(image, ((t, b), (l, r), (0, 0)), mode="edge")
+    new = np.ones(canvas.shape[:2], bool)
+    new[t: t + image.shape[0], l: l + image.shape[1]] = False
+    return canvas, new
+
+
+def outpaint(segmenter, gen, image: np.ndarray, extend: dict[str, int], label_map: np.ndarray | None = None,
+             opts: EditOptions = EditOptions(), sampling: dict | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grow ``image`` by ``extend`` (``{"left": 64, ...}``) and fill the new pixels.  A conditioned model
+    follows ``label_map`` (the grown canvas's size) or else the segmenter's labels of the image grown
+    outwards.  The original pixels come back unchanged.  -> (canvas, new pixels, labels)."""
+    bad = sorted(set(extend) - set(SIDES))
+    if bad or any(int(v) < 0 for v in extend.values()) or not any(int(v) > 0 for v in extend.values()):
+        raise ValueError(f"extend needs pixels >= 0 for {', '.join(SIDES)}, at least one > 0; got {extend}")
+    canvas, new = extend_canvas(image, extend)
+    labels = None
+    if gen.conditional:
+        if label_map is not None:
+            if label_map.shape != new.shape:
+                raise ValueError(f"the label map is {label_map.shape[0]}x{label_map.shape[1]}, the extended canvas "
+                                 f"{new.shape[0]}x{new.shape[1]}")
+            labels = label_map.astype(np.int64)
+        else:
+            t, l = int(extend.get("top", 0)), int(extend.get("left", 0))
+            grown = np.zeros(new.shape, np.int64)
+            grown[t: t + image.shape[0], l: l + image.shape[1]] = segment(segmenter, image)
+            labels = fill_labels(grown, new)
+    out = _fill(gen, canvas, new, labels, EditOptions(**{**opts.__dict__, "crop": True}), sampling)
+    return out, new, labels if labels is not None else np.zeros(new.shape, np.int64)
 
 
 def remove_objects(segmenter, gen, image: np.ndarray, classes: list[int], opts: EditOptions = EditOptions(),

@@ -235,7 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--remove", metavar="CLASS[,CLASS]", help="classes to remove (names or ids)")
     what.add_argument("--background", metavar="LABELMAP", help="label-map PNG for the new background, or 'none'")
+    what.add_argument("--extend", metavar="SIDE=PX[,SIDE=PX]",
+                      help="outpaint: grow the canvas, e.g. left=64,right=64 (sides: top, bottom, left, right)")
     p.add_argument("--keep", metavar="CLASS[,CLASS]", help="with --background: foreground classes to keep")
+    p.add_argument("--label-map", metavar="PNG", help="with --extend: class ids for the whole extended canvas "
+                                                      "(default: the segmenter's labels, grown outwards)")
+    p.add_argument("--crop", action="store_true", help="only the region: fill a box around it (plus --margin) at "
+                                                       "the model's size and paste it back (always on for --extend)")
+    p.add_argument("--margin", type=_count0, default=16, help="context pixels around the region with --crop")
     _sampling_flags(p)
     p.add_argument("--resample", type=_count, default=1, help="RePaint resampling jumps per step (ddpm/ddim)")
     p.add_argument("--dilate", type=_count0, default=3)
@@ -596,16 +603,25 @@ def cmd_edit(args, rt) -> int:
     from jobs import edit_job
 
     tracking.setup(rt.workdir, rt.tracking_uri)
-    opts = EditOptions(resample=args.resample, dilate=args.dilate, feather=args.feather, seed=args.seed)
+    if args.label_map and not args.extend:
+        raise UsageError("--label-map goes with --extend (for --background, the label map is its argument)")
+    opts = EditOptions(resample=args.resample, dilate=args.dilate, feather=args.feather, seed=args.seed,
+                       crop=args.crop, margin=args.margin)
+    if args.extend:
+        edit_job.parse_extend(args.extend)       # a bad --extend fails before any model is loaded
     image = imageio.read_image(args.image)      # a bad image fails before any model is loaded
     with tempfile.TemporaryDirectory() as tmp:
         dres, gen = _resolve(args.model, rt, f"{tmp}/d", "generator", args.device)
         sres, seg = _resolve(args.segmenter, rt, f"{tmp}/s", "segmenter", args.device)
         res = edit_job.run(gen, seg, image, args.out, remove=args.remove, background=args.background,
-                           keep=args.keep, opts=opts, sampling=_sampling(args))
+                           keep=args.keep, extend=args.extend, label_map=args.label_map, opts=opts,
+                           sampling=_sampling(args))
     res["model"], res["segmenter"] = dres.to_dict(), sres.to_dict()
     edit_job.write_summary(res, args.out)
-    print(f"wrote {res['out']} ({res['edited_pixels']} pixels edited; region in {res['mask']})")
+    seam = res["boundary"]["ratio"]
+    seam = f"; seam contrast {seam:.2f}x the fill's own" if math.isfinite(seam) else ""
+    print(f"wrote {res['out']} ({res['out_size'][0]}x{res['out_size'][1]}, {res['edited_pixels']} pixels edited; "
+          f"region in {res['mask']}{seam})")
     return 0
 
 

@@ -114,8 +114,23 @@ def test_encode_train_resume_sample_eval_and_edit(ray_cluster, tmp_path, capsys)
     assert not np.array_equal(out_img[region], image[region])      # regenerated inside (decoded latents)
     assert np.array_equal(out_img[~region], image[~region])        # untouched outside the edited region
 
+    # outpainting: the canvas grows by whole latent cells; the original comes back bit for bit
+    grown = tmp_path / "edit" / "grown.png"
+    assert main(["edit", "--model", ref, "--segmenter", str(seg_dir), "--image", str(tmp_path / "in.png"),
+                 "--extend", "left=8,top=4", "--out", str(grown), "--workdir", wd]) == 0
+    canvas = np.asarray(Image.open(grown))
+    assert canvas.shape == (36, 56, 3) and np.array_equal(canvas[4:, 8:], image)
+    summary = json.loads(grown.with_suffix(".json").read_text())
+    assert summary["extend"] == {"left": 8, "top": 4} and summary["edited_pixels"] == 36 * 56 - 32 * 48
+    assert np.isfinite(summary["boundary"]["ratio"])
+
     # bad input: one line each
     capsys.readouterr()
+    assert main(["edit", "--model", ref, "--segmenter", str(seg_dir), "--image", str(tmp_path / "in.png"),
+                 "--extend", "left=6", "--out", str(tmp_path / "edit" / "x.png"), "--workdir", wd]) != 0
+    err = capsys.readouterr().err
+    assert "left=6 is not a multiple of the latent model's autoencoder factor 4" in err
+    assert len(err.strip().splitlines()) == 1
     assert main(["encode", "--data", lat, "--vae", vae_dir, "--out", str(tmp_path / "x"), "--workdir", wd]) != 0
     assert "already holds latents" in capsys.readouterr().err
     assert main(["encode", "--data", data, "--vae", vae_dir, "--size", "18x24", "--out", str(tmp_path / "x"),
