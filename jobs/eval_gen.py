@@ -135,6 +135,10 @@ def run(gen, seg, data: str, *, split: str = "val", num: int = 64, seed: int = 0
         pred01, real01 = out.permute(0, 3, 1, 2).float() / 255, real[:m].permute(0, 3, 1, 2).float() / 255
         res["inpaint_psnr"] = gm.psnr_in_mask(pred01, real01, holes)
         res["inpaint_ssim"] = gm.ssim_in_mask(pred01, real01, holes)
+        # the seam: colour steps across the hole's border against those inside it, with the real
+        # images' figure over the same holes beside it (about 1 when the hole cuts no edge)
+        res["inpaint_boundary"] = gm.boundary_contrast(pred01, holes > 0)["ratio"]
+        res["inpaint_boundary_real"] = gm.boundary_contrast(real01, holes > 0)["ratio"]
     train_size = (seg.meta or {}).get("train_size") if hasattr(seg, "meta") else None
     res["protocol"] = {
         "samples": n, "size": list(size), **settings.to_dict(), "sampling": settings.describe(), "seed": seed,
@@ -196,5 +200,7 @@ def format_report(res: dict) -> str:
     if "inpaint_psnr" in res:
         ssim = res["inpaint_ssim"]
         lines.append(f"inpainting in the hole (n={p['inpaint_images']}): PSNR {res['inpaint_psnr']:.2f} dB, SSIM "
-                     + ("n/a (hole smaller than the SSIM window)" if ssim is None else f"{ssim:.4f}"))
+                     + ("n/a (hole smaller than the SSIM window)" if ssim is None else f"{ssim:.4f}")
+                     + f", seam contrast {res['inpaint_boundary']:.2f} (real images over the same holes: "
+                       f"{res['inpaint_boundary_real']:.2f})")
     return "\n".join(lines)

@@ -98,6 +98,7 @@ def test_encode_train_resume_sample_eval_and_edit(ray_cluster, tmp_path, capsys)
                  "--inpaint-num", "2", "--json", str(gen_json), "--workdir", wd]) == 0
     g = json.loads(gen_json.read_text())
     assert g["protocol"]["size"] == [16, 24] and np.isfinite(g["fd"]) and np.isfinite(g["inpaint_psnr"])
+    assert g["inpaint_boundary"] > 0 and g["inpaint_boundary_real"] > 0
 
     from genseg.data.synthetic import make_scene
 
