@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--resample", type=int, default=2)
     ap.add_argument("--dilate", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--crop", action="store_true", help="only the region: fill a box around it at the model's size")
+    ap.add_argument("--margin", type=int, default=16)
     ap.add_argument("--workdir", default="genseg-runs")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -50,7 +52,7 @@ def main() -> None:
     gen_ref = tracking.resolve(args.model, rt.tracking_uri, dst=tmp / "d")
     seg_ref = tracking.resolve(args.segmenter, rt.tracking_uri, dst=tmp / "s")
     gen, seg = load(gen_ref, expect="generator"), load(seg_ref, expect="segmenter")
-    opts = EditOptions(resample=args.resample, dilate=args.dilate, seed=args.seed)
+    opts = EditOptions(resample=args.resample, dilate=args.dilate, seed=args.seed, crop=args.crop, margin=args.margin)
     sampling = {"sampler": "ddim", "steps": args.steps}
     rows, records = [], []
     for i, path in enumerate(args.image):
@@ -66,8 +68,11 @@ def main() -> None:
         shown[region] = (0.4 * shown[region] + 0.6 * np.array([255, 0, 255])).astype(np.uint8)
         rows.append(np.concatenate([image, shown, result], axis=1))
         records.append({"image": path, "edited_pixels": res["edited_pixels"], "size": res["size"],
-                        "outside_region_bit_identical": identical, "seconds": round(seconds, 2)})
-        print(f"{path}: {res['edited_pixels']} pixels edited, outside bit-identical: {identical}, {seconds:.1f}s",
+                        "outside_region_bit_identical": identical, "seconds": round(seconds, 2),
+                        "seam_contrast": res["boundary"]["ratio"],
+                        "seam_contrast_input": edit_job.boundary(image, region)["ratio"]})
+        print(f"{path}: {res['edited_pixels']} pixels edited, outside bit-identical: {identical}, seam contrast "
+              f"{res['boundary']['ratio']:.2f} (input {records[-1]['seam_contrast_input']:.2f}), {seconds:.1f}s",
               flush=True)
     picture = save_png(np.concatenate(rows, axis=0), ROOT / "bench" / "results" / f"object_removal{args.tag}.png")
     out = {"benchmark": "object_removal", "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
