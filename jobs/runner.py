@@ -246,6 +246,17 @@ class WorkerSession:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)))
 
 
+def _mark_failed(client, run_id: str) -> None:
+    """The MLflow run ends FAILED, unless it has already ended otherwise: a Tune trial stopped by its
+    scheduler is marked KILLED by the search, and the stop can reach this process after that."""
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+    except Exception:          # the tracking store is unreachable: try the write anyway
+        pass
+    client.set_terminated(run_id, status="FAILED")
+
+
 def _named(models) -> dict:
     """``{"model": m, ...}`` from a dict or a bare module; the checkpoint's own model is required."""
     models = models if isinstance(models, dict) else {"model": models}
@@ -442,10 +453,10 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     try:
         result = trainer.fit()
     except Exception:
-        client.set_terminated(run_id, status="FAILED")
+        _mark_failed(client, run_id)
         raise
     if result.error:
-        client.set_terminated(run_id, status="FAILED")
+        _mark_failed(client, run_id)
         raise RuntimeError(f"training run '{run_name}' failed: {result.error}")
 
     sign = 1 if task.higher_is_better else -1
