@@ -47,16 +47,13 @@ class Upsampled:
         return up.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
     def inpaint(self, images, holes, condition, seed, **kw):
-        from genseg.editing import model_inputs, paste
+        from genseg.editing import EditOptions, _fill
 
-        out = []
-        for i in range(len(images)):
-            image, region = images[i].numpy(), holes[i].numpy().astype(bool)
-            labels = None if condition is None else condition[i].numpy()
-            x, hole, lab = model_inputs(image, region, labels, tuple(self.gen.image_size))
-            filled = self.gen.inpaint(x, hole, lab, seed, **kw)
-            out.append(torch.from_numpy(paste(image, filled, region, 0)))
-        return torch.stack(out)
+        opts = EditOptions(resample=kw.pop("resample", 1), feather=0, seed=seed)
+        out = [_fill(self.gen, images[i].numpy(), holes[i].numpy().astype(bool),
+                     None if condition is None else condition[i].numpy(), opts, kw)
+               for i in range(len(images))]
+        return torch.stack([torch.from_numpy(o) for o in out])
 
 
 def training_cost(resolved, tracking_uri: str) -> dict:

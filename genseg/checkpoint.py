@@ -246,6 +246,22 @@ def load(path: str | os.PathLike) -> Checkpoint:
                       fmt)
 
 
+def header(path: str | os.PathLike) -> Checkpoint:
+    """Config and meta of a checkpoint directory, its weight files checked against the sizes and digests
+    its config.json records but not read into tensors (``state_dict`` is empty): what a driver needs to
+    plan work that workers load the weights for."""
+    path = _resolve(Path(path))
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{path} is not a genseg checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    doc, fmt = _read_doc(path)
+    cfg = _config(doc, path / CONFIG_FILE)
+    for name in (doc.get("files") or {}):
+        if name.endswith(".safetensors"):
+            _verify(path, name, doc)
+    meta = doc.get("meta", {})
+    return Checkpoint(cfg, {}, meta if isinstance(meta, dict) else {}, path, fmt)
+
+
 def _doc_or_none(path: Path) -> dict | None:
     return _read_doc(path)[0] if (path / CONFIG_FILE).is_file() else None
 

@@ -33,7 +33,7 @@ class SegConfig:
     num_classes: int = 6                 # filled from the shard manifest when left at 0
     ignore_index: int = 255
     # loss
-    loss: str = "ce"                     # ce | dice | ce_dice
+    loss: str = "ce"                     # ce | dice | ce_dice | ohem | ohem_dice (hard-pixel mining)
     class_weights: tuple[float, ...] | None = None   # one per class; None = uniform
     # optimisation
     epochs: int = 10
@@ -48,8 +48,12 @@ class SegConfig:
     scale_min: float = 0.75
     scale_max: float = 1.25
     hflip: bool = True
+    jitter: float = 0.0                  # photometric: brightness, contrast, saturation each x U(1-j, 1+j)
+    gamma: float = 0.0                   # photometric: gamma exp(U(-g, g))
+    blur: float = 0.0                    # photometric: probability of a Gaussian blur, sigma U(0.3, 1.5) px
     # evaluation / logging
     infer_scale: float = 1.0             # run the model at this scale, resize logits back
+    select_on: str = "val"               # the split whose mIoU picks the best checkpoint and the champion
     image_every: int = 2                 # log an image | truth | prediction picture every N epochs
     seed: int = 0
     # hardware
@@ -59,7 +63,7 @@ class SegConfig:
     def __post_init__(self) -> None:
         _check_choice(self, "arch", ("fcn32s", "fcn16s", "fcn8s"))
         _check_choice(self, "upsample", ("learned", "bilinear"))
-        _check_choice(self, "loss", ("ce", "dice", "ce_dice"))
+        _check_choice(self, "loss", ("ce", "dice", "ce_dice", "ohem", "ohem_dice"))
         _check_choice(self, "optimizer", ("adamw", "sgd"))
         _check_choice(self, "schedule", ("poly", "cosine", "constant"))
         _check_choice(self, "amp", ("bf16", "fp16", "none"))
@@ -68,6 +72,13 @@ class SegConfig:
                 raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"config field 'lr' must be > 0, got {self.lr}")
+        for name, top in (("jitter", 0.9), ("gamma", 1.0), ("blur", 1.0)):
+            v = getattr(self, name)
+            if not 0 <= v <= top:
+                raise ConfigError(f"config field '{name}' must be between 0 and {top}, got {v}")
+        if not self.select_on or self.select_on == "train":
+            raise ConfigError(f"config field 'select_on' must name an evaluation split (val, holdout...), "
+                              f"got {self.select_on!r}")
         if not 0 < self.scale_min <= self.scale_max:
             raise ConfigError("config fields 'scale_min'/'scale_max' need 0 < scale_min <= scale_max")
         if self.class_weights is not None and self.num_classes and len(self.class_weights) != self.num_classes:
@@ -264,6 +275,7 @@ class VAEConfig:
     hflip: bool = True
     ema_decay: float = 0.999             # EMA of the weights, used for val, encoding and decoding
     image_every: int = 2                 # log an image | reconstruction picture every N epochs
+    val_images: int = 0                  # score the first N val images each epoch (0 = all of them)
     seed: int = 0
     amp: str = "none"                    # precision under --gpu: bf16 | none
     threads_per_worker: int = 0
@@ -280,6 +292,8 @@ class VAEConfig:
                      "image_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.val_images < 0:
+            raise ConfigError(f"config field 'val_images' must be >= 0 (0 = all), got {self.val_images}")
         if not 2 <= len(self.channels) <= 5 or any(c < 1 for c in self.channels):
             raise ConfigError(f"config field 'channels' needs 2 to 5 positive widths (factor 2 to 16), "
                               f"got {self.channels}")

@@ -86,7 +86,7 @@ def model_inputs(image: np.ndarray, region: np.ndarray, labels: np.ndarray | Non
     m = F.interpolate(torch.from_numpy(region.astype(np.float32))[None, None], size=size, mode="area") > 0
     lab = None
     if labels is not None:
-        lab = F.interpolate(torch.from_numpy(labels).float()[None, None], size=size, mode="nearest")[0].long()
+        lab = F.interpolate(torch.from_numpy(labels).float()[None, None], size=size, mode="nearest-exact")[0].long()
     return to_uint8(x), m[:, 0], lab
 
 
@@ -114,7 +114,7 @@ def background_region(labels: np.ndarray, keep: list[int], label_map: np.ndarray
     cond_labels = None
     if label_map is not None and conditional:
         lm = F.interpolate(torch.from_numpy(label_map.astype(np.float32))[None, None], size=labels.shape,
-                           mode="nearest")[0, 0].numpy().astype(np.int64)
+                           mode="nearest-exact")[0, 0].numpy().astype(np.int64)
         cond_labels = np.where(foreground, labels, lm)
     return ~foreground, cond_labels
 

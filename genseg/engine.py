@@ -65,7 +65,8 @@ def class_weights(cfg) -> torch.Tensor | None:
 def train_batches(batches: Iterable[dict], cfg, crop: tuple[int, int], rng: random.Random
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Columnar shard batches -> augmented ``images (B, 3, h, w)``, ``masks (B, h, w)``."""
-    tf = train_transforms(crop, cfg.scale_min, cfg.scale_max, cfg.hflip, cfg.ignore_index)
+    tf = train_transforms(crop, cfg.scale_min, cfg.scale_max, cfg.hflip, cfg.ignore_index,
+                          getattr(cfg, "jitter", 0.0), getattr(cfg, "gamma", 0.0), getattr(cfg, "blur", 0.0))
     for batch in batches:
         pairs = [tf(*to_tensors(img, mask), rng) for img, mask in decode_batch(batch)]
         yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
@@ -163,30 +164,43 @@ def train_one_epoch(model, optimizer, scheduler, batches: Iterable, cfg, device:
 
 @torch.no_grad()
 def predict_logits(model, image: torch.Tensor, out_size: tuple[int, int], infer_scale: float = 1.0,
-                   device: torch.device | str = "cpu", amp: str = "none") -> torch.Tensor:
+                   device: torch.device | str = "cpu", amp: str = "none", flip: bool = False,
+                   scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:
     """``image (B, 3, H, W)`` -> logits ``(B, K, *out_size)``.
 
     The model runs at ``infer_scale`` times the image size; the *logits* are resized to the
-    label's own size before any argmax (the evaluation protocol)."""
+    label's own size before any argmax (the evaluation protocol).  Test-time augmentation: each
+    of ``scales`` (times ``infer_scale``) and, with ``flip``, the mirrored input too, whose logits
+    are mirrored back; all of them are averaged in logit space at ``out_size``."""
     device = torch.device(device)
-    x = image.to(device)
-    if infer_scale != 1.0:
-        h, w = x.shape[-2:]
-        x = F.interpolate(x, size=(max(1, round(h * infer_scale)), max(1, round(w * infer_scale))),
-                          mode="bilinear", align_corners=False)
-    with autocast(device, amp):
-        logits = model(x)
-    logits = logits.float()
-    if tuple(logits.shape[-2:]) != tuple(out_size):
-        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-    return logits
+    x0 = image.to(device)
+    total, n = None, 0
+    for scale in scales:
+        s = infer_scale * scale
+        x = x0
+        if s != 1.0:
+            h, w = x0.shape[-2:]
+            x = F.interpolate(x0, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                              align_corners=False)
+        for mirrored in (False, True) if flip else (False,):
+            with autocast(device, amp):
+                logits = model(x.flip(-1) if mirrored else x)
+            logits = logits.float()
+            if mirrored:
+                logits = logits.flip(-1)
+            if tuple(logits.shape[-2:]) != tuple(out_size):
+                logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+            total = logits if total is None else total + logits
+            n += 1
+    return total if n == 1 else total / n
 
 
 @torch.no_grad()
 def evaluate(model, samples: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
              ignore_index: int = 255, infer_scale: float = 1.0, device="cpu", amp: str = "none",
-             keep: int = 0) -> tuple[ConfusionMatrix, list]:
-    """Accumulate a confusion matrix over ``(image (3, H, W), mask (H, W))`` samples.
+             keep: int = 0, flip: bool = False, scales: tuple[float, ...] = (1.0,)) -> tuple[ConfusionMatrix, list]:
+    """Accumulate a confusion matrix over ``(image (3, H, W), mask (H, W))`` samples (``flip`` and
+    ``scales``: test-time augmentation, see :func:`predict_logits`).
 
     Returns the (local, un-reduced) matrix and the first ``keep`` (image, mask, pred) triples
     for pictures."""
@@ -194,7 +208,7 @@ def evaluate(model, samples: Iterable[tuple[torch.Tensor, torch.Tensor]], num_cl
     cm = ConfusionMatrix(num_classes, ignore_index)
     kept = []
     for image, mask in samples:
-        logits = predict_logits(model, image[None], tuple(mask.shape), infer_scale, device, amp)
+        logits = predict_logits(model, image[None], tuple(mask.shape), infer_scale, device, amp, flip, scales)
         pred = logits.argmax(1)[0].cpu()
         cm.update(pred, mask)
         if len(kept) < keep:

@@ -141,7 +141,7 @@ def labels_at(condition: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(labels.shape[-2:]) != tuple(size):
         import torch.nn.functional as F
 
-        labels = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+        labels = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest-exact")[:, 0].long()
     return labels
 
 

@@ -159,6 +159,13 @@ class ResolvedModel:
         text = self.tags.get(SAMPLING_TAG)
         return SamplingSettings.from_dict(json.loads(text)) if text else None
 
+    @property
+    def label(self) -> str:
+        """``name/version`` for a registry model, else the REF as given."""
+        if self.name and self.version:
+            return f"{self.name}/{self.version}"
+        return str(self.ref)
+
     def describe(self) -> str:
         if self.version is None:
             return self.ref if self.run_id is None else f"{self.ref} (run {self.run_id})"

@@ -25,6 +25,26 @@ def triptych(image, mask, pred, palette, ignore_index: int = 255, gap: int = 2) 
     return out
 
 
+def error_map(image, mask, pred, ignore_index: int = 255) -> np.ndarray:
+    """The image dimmed to grey where the prediction is right, red where it is wrong, black where the
+    label is ignored: ``(H, W, 3) uint8``."""
+    img = image if isinstance(image, np.ndarray) else denormalize(image)
+    m, p = np.asarray(mask), np.asarray(pred)
+    grey = (img.astype(np.float32).mean(axis=2, keepdims=True) * 0.45).astype(np.uint8).repeat(3, axis=2)
+    out = grey.copy()
+    out[(p != m) & (m != ignore_index)] = (230, 30, 30)
+    out[m == ignore_index] = 0
+    return out
+
+
+def quad(image, mask, pred, palette, ignore_index: int = 255, gap: int = 2) -> np.ndarray:
+    """``image | ground truth | prediction | error map`` (see :func:`error_map`) in one row."""
+    row = triptych(image, mask, pred, palette, ignore_index, gap)
+    h = row.shape[0]
+    return np.concatenate([row, np.full((h, gap, 3), 255, np.uint8),
+                           error_map(image, mask, pred, ignore_index)], axis=1)
+
+
 def stack_rows(rows: list[np.ndarray], gap: int = 2) -> np.ndarray:
     width = max(r.shape[1] for r in rows)
     parts = []

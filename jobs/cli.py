@@ -28,6 +28,18 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must be HxW with both >= 8, e.g. 360x480; got {text!r}") from None
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated scales, each a finite number in (0, 4]."""
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+        if not vals or not all(math.isfinite(v) and 0 < v <= 4 for v in vals):
+            raise ValueError
+        return vals
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers in (0, 4], e.g. 0.75,1,1.25; "
+                                         f"got {text!r}") from None
+
+
 def _whole(minimum: int):
     """An argparse type: a whole number >= ``minimum``."""
     def parse(text: str) -> int:
@@ -144,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--binary-masks", action="store_true",
                    help="folder: masks are binary 0/255 (or 0/1) foreground masks: 255 -> class 1 'foreground'")
     p.add_argument("--val-fraction", type=float, default=0.2, help="synthetic/folder: share held out as val")
+    p.add_argument("--holdout", metavar="SEQ[,SEQ]",
+                   help="camvid/folder: move the training pairs whose file names start with these prefixes (CamVid "
+                        "sequences, e.g. 0006R0) into a split 'holdout': streets never seen in training")
     p.add_argument("--skip-bad", action="store_true", help="skip and list bad pairs instead of failing")
     p.add_argument("--codec", choices=("png", "webp", "raw"), default="png",
                    help="how shards hold pixels (all lossless): png (default), webp (smaller) or raw arrays "
@@ -186,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of config fields")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set crop=256x256 (repeatable)")
-    p.add_argument("--class-weights", help="none | median-freq | dataset | comma-separated list")
+    p.add_argument("--class-weights", help="seg: none | median-freq | inv-sqrt | dataset, each optionally capped "
+                                           "as NAME:CAP (e.g. median-freq:5), or a comma-separated list")
+    p.add_argument("--select-on", metavar="SPLIT",
+                   help="seg: the split whose mIoU picks the best checkpoint and the champion (default val; e.g. "
+                        "holdout, from `genseg prepare --holdout SEQ`); every split but train is scored each epoch")
     p.add_argument("--run-name", help="name of the run; re-use it to resume")
     p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts before giving up")
     p.add_argument("--promote", action="store_true",
@@ -208,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--infer-scale", type=float, help="run the model at this scale (default from its config)")
+    p.add_argument("--tta-flip", action="store_true",
+                   help="seg: test-time augmentation, the mirrored image too (logits averaged before argmax)")
+    p.add_argument("--tta-scales", type=_scales, metavar="S[,S]",
+                   help="seg: test-time augmentation over these scales of the input, e.g. 0.75,1,1.25")
+    p.add_argument("--pictures", metavar="PNG",
+                   help="seg: write image | truth | prediction | error map for the first --pictures-num images")
+    p.add_argument("--pictures-num", type=_count, default=4)
     p.add_argument("--limit", type=_count, help="evaluate only the first N images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the figures here")
@@ -268,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="training searches: YAML file of the base config")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="training searches: override a base config field (repeatable)")
-    p.add_argument("--class-weights", help="seg: the base class weighting (none | median-freq | dataset)")
+    p.add_argument("--class-weights", help="seg: the base class weighting (none | median-freq | inv-sqrt | dataset, "
+                                           "optionally NAME:CAP)")
     p.add_argument("--workers", type=_count, default=1, help="Ray Train workers per training trial")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="sampling trials: CPUs (and torch threads)")
@@ -360,6 +387,9 @@ def cmd_prepare(args, rt) -> int:
     sources.check_val_fraction(args.val_fraction)
     if args.binary_masks and args.source != "folder":
         raise UsageError("--binary-masks applies to --source folder only")
+    holdout = sources.holdout_prefixes(args.holdout)
+    if holdout and args.source == "synthetic":
+        raise UsageError("--holdout applies to --source camvid and --source folder (named sequences), not synthetic")
     check_out(args.out)          # before any work: an --out that holds a user's files is refused
     if args.source == "synthetic":
         src = sources.synthetic(args.num, args.size or (128, 160), args.seed, args.val_fraction)
@@ -369,15 +399,17 @@ def cmd_prepare(args, rt) -> int:
         if not args.root:
             raise UsageError("--source camvid needs --root DIR")
         splits = [s for s in args.splits.split(",") if s]
-        src = sources.camvid(args.root, splits)
+        src = sources.camvid(args.root, splits, holdout)
         size, desc = args.size, {"source": "camvid", "root": str(Path(args.root).resolve()), "splits": splits}
     else:
         if not (args.images and args.masks):
             raise UsageError("--source folder needs --images DIR and --masks DIR")
         src = sources.folder(args.images, args.masks, args.num_classes, args.palette, args.val_fraction, args.seed,
-                             binary_masks=args.binary_masks)
+                             binary_masks=args.binary_masks, holdout=holdout)
         size, desc = args.size, {"source": "folder", "images": str(Path(args.images).resolve()),
                                  "masks": str(Path(args.masks).resolve())}
+    if holdout:
+        desc["holdout"] = holdout
     init_ray(rt)
     manifest = prepare(src, args.out, size=size, skip_bad=args.skip_bad, num_classes=args.num_classes,
                        description=desc, codec=args.codec, chunk=args.chunk, progress=sys.stdout.isatty())
@@ -402,7 +434,7 @@ def cmd_encode(args, rt) -> int:
     with tempfile.TemporaryDirectory(prefix="genseg-vae-") as tmp:
         resolved, vae = _resolve(args.vae, rt, tmp, "vae")
         init_ray(rt)
-        m = encode_shards(args.data, resolved.path, args.out, vae_ref=_ref_name(resolved), size=args.size,
+        m = encode_shards(args.data, resolved.path, args.out, vae_ref=resolved.label, size=args.size,
                           actors=args.actors, progress=sys.stdout.isatty())
     n = sum(v["count"] for v in m["splits"].values())
     lat = m["latent"]
@@ -412,14 +444,7 @@ def cmd_encode(args, rt) -> int:
     return 0
 
 
-def _ref_name(resolved) -> str:
-    """``name/version`` for a registry model, else the REF as given."""
-    if getattr(resolved, "name", None) and getattr(resolved, "version", None):
-        return f"{resolved.name}/{resolved.version}"
-    return str(getattr(resolved, "ref", resolved.path))
-
-
-SEG_ONLY = ("arch", "backbone", "class_weights")
+SEG_ONLY = ("arch", "backbone", "class_weights", "select_on")
 GENERATIVE_ONLY = ("cond",)
 GAN_ONLY = ("loss",)
 
@@ -437,7 +462,8 @@ def task_config(args):
             raise UsageError(f"--{flag.replace('_', '-')} does not apply to `train {args.task}`")
     cfg = config_lib.load_yaml(cls, args.config) if args.config else cls()
     named = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "arch": args.arch,
-             "backbone": args.backbone, "cond": args.cond, "loss": args.loss}
+             "backbone": args.backbone, "cond": args.cond, "loss": args.loss,
+             "select_on": getattr(args, "select_on", None)}
     over = {k: v for k, v in named.items() if v is not None}
     over.update(config_lib.parse_overrides(args.set))
     return config_lib.replace(cfg, over)
@@ -460,9 +486,13 @@ def cmd_train(args, rt) -> int:
         from jobs import train_diffusion as job
     if args.latent and args.task != "diffusion":
         raise UsageError(f"--latent applies to `train diffusion`, not `train {args.task}`")
-    if args.task != "seg" and not args.latent:   # the model the data implies (e.g. a GAN's size), before Ray starts
-        from genseg.data.shards import read_manifest
+    from genseg.data.shards import read_manifest
 
+    if args.task == "seg":       # the weighting and the selection split, before Ray starts
+        manifest = read_manifest(args.data)
+        for split in job.eval_splits(Path(args.data), manifest, job.build_config(manifest, cfg, args.class_weights)):
+            check_split(args.data, split, need_labels=True)
+    elif not args.latent:        # the model the data implies (e.g. a GAN's size), before Ray starts
         job.build_config(read_manifest(args.data), cfg, Path(args.data))
     # the run name is ours until we return (a second `train --run-name` of it is refused)
     with hold_run(rt.workdir, args.run_name, args.task) as run_name:
@@ -562,11 +592,18 @@ def cmd_eval(args, rt) -> int:
     ref = args.model or "models:/genseg-segmenter@champion"
     with tempfile.TemporaryDirectory() as tmp:
         resolved, seg = _resolve(ref, rt, tmp, "segmenter", args.device)
-        res = eval_seg.run(seg, args.data, args.split, args.infer_scale, args.limit)
+        res = eval_seg.run(seg, args.data, args.split, args.infer_scale, args.limit, flip=args.tta_flip,
+                           scales=args.tta_scales, pictures=args.pictures, pictures_num=args.pictures_num)
     res["model"] = resolved.to_dict()
     res["model_ref"] = resolved.describe()
     print(f"{resolved.describe()} on {args.data} [{args.split}], {res['images']} images at their own resolution")
+    tta = res["protocol"]["tta"]
+    if tta["flip"] or tta["scales"] != [1.0]:
+        print(f"test-time augmentation: flip {'on' if tta['flip'] else 'off'}, scales "
+              f"{','.join(f'{v:g}' for v in tta['scales'])} (logits averaged before argmax)")
     print(eval_seg.format_table(res))
+    if args.pictures:
+        print(f"wrote {args.pictures}")
     if args.json:
         eval_seg.write_json(res, args.json)
         print(f"wrote {args.json}")

@@ -12,8 +12,13 @@ from genseg.errors import InputError
 from pipelines.shards import iter_split
 
 
-def run(seg, data: str, split: str = "val", infer_scale: float | None = None, limit: int | None = None) -> dict:
-    """Evaluate a loaded :class:`genseg.segmenter.Segmenter` on a shard split."""
+def run(seg, data: str, split: str = "val", infer_scale: float | None = None, limit: int | None = None,
+        flip: bool = False, scales: tuple[float, ...] | None = None, pictures: str | None = None,
+        pictures_num: int = 4) -> dict:
+    """Evaluate a loaded :class:`genseg.segmenter.Segmenter` on a shard split.  ``flip``/``scales``:
+    test-time augmentation, averaged in logit space (off by default; the JSON says which was used).
+    ``pictures``: a PNG of ``image | truth | prediction | error map`` for the first ``pictures_num``
+    images."""
     manifest = read_manifest(data)
     cfg = seg.config
     if manifest["num_classes"] != cfg.num_classes:
@@ -28,13 +33,23 @@ def run(seg, data: str, split: str = "val", infer_scale: float | None = None, li
             count[0] += 1
             yield sample
 
-    cm, _ = engine.evaluate(seg.model, counted(), cfg.num_classes, cfg.ignore_index, scale, seg.device)
+    scales = tuple(scales or (1.0,))
+    for v in scales:
+        if not (v > 0 and math.isfinite(v)):
+            raise InputError(f"--tta-scales: every scale must be a number > 0, got {v}")
+    cm, kept = engine.evaluate(seg.model, counted(), cfg.num_classes, cfg.ignore_index, scale, seg.device,
+                               keep=pictures_num if pictures else 0, flip=flip, scales=scales)
     if count[0] == 0:
         raise InputError(f"{data} [{split}] holds no images to evaluate")
     if int(cm.mat.sum()) == 0:
         raise InputError(f"{data} [{split}]: every pixel is the ignore index {cfg.ignore_index}; nothing to score")
     res = cm.compute()
     names = manifest["classes"]["names"]
+    if pictures and kept:
+        from genseg.viz import quad, save_png, stack_rows
+
+        save_png(stack_rows([quad(i, m, p, manifest["classes"]["palette"], cfg.ignore_index) for i, m, p in kept]),
+                 pictures)
     return {
         "model_path": str(seg.path), "model_epoch": seg.epoch, "data": str(Path(data).resolve()), "split": split,
         "images": count[0], "pixels": int(cm.mat.sum()),
@@ -42,7 +57,8 @@ def run(seg, data: str, split: str = "val", infer_scale: float | None = None, li
         "per_class_iou": {n: _clean(v) for n, v in zip(names, res["iou"])},
         "per_class_acc": {n: _clean(v) for n, v in zip(names, res["class_acc"])},
         "protocol": {"resolution": "each mask's own", "logits_resized_before_argmax": True,
-                     "ignored_index": cfg.ignore_index, "infer_scale": scale},
+                     "ignored_index": cfg.ignore_index, "infer_scale": scale,
+                     "tta": {"flip": bool(flip), "scales": list(scales)}},
         "seconds": round(time.perf_counter() - t0, 3),
     }
 

@@ -189,6 +189,16 @@ class WorkerSession:
         dist.all_reduce(t)
         return float(t.item() / dist.get_world_size())
 
+    def epoch_means(self, figures: dict[str, list[float]], seconds: float, batch_size: int) -> dict:
+        """An epoch's per-step figures averaged over the steps and the workers, with the epoch's
+        seconds and images per second over all workers (every worker must call it: it all-reduces)."""
+        import numpy as np
+
+        steps = max((len(v) for v in figures.values()), default=0)
+        out = {k: self.mean(float(np.mean(v))) for k, v in figures.items() if v}
+        out.update({"samples_per_s": steps * batch_size * self.world / max(seconds, 1e-9), "epoch_seconds": seconds})
+        return out
+
     def log(self, epoch: int, metrics: dict, picture: np.ndarray | None = None, picture_name: str = "") -> None:
         if self._client is None:
             return
@@ -198,8 +208,12 @@ class WorkerSession:
         ms = [Metric(k, float(v), now, epoch) for k, v in {**metrics, "workers": self.world}.items()
               if isinstance(v, (int, float)) and np.isfinite(v)]
         self._client.log_batch(self.rt["mlflow_run_id"], metrics=ms)
-        if picture is not None:
-            self._client.log_image(self.rt["mlflow_run_id"], picture, picture_name)
+        self.log_picture(picture, picture_name)
+
+    def log_picture(self, picture: np.ndarray | None, name: str) -> None:
+        """A picture among the run's artifacts (rank 0 logs; nothing when None)."""
+        if self._client is not None and picture is not None:
+            self._client.log_image(self.rt["mlflow_run_id"], picture, name)
 
     def _gather_rngs(self, rngs: dict) -> list:
         """Every rank's generator states, in rank order (rank 0 writes them all into the checkpoint)."""
@@ -360,15 +374,22 @@ def train_names(data_dir: Path) -> list[str]:
     return names
 
 
+def image_size_from_manifest(manifest: dict, base: Any, data_dir: Path) -> dict:
+    """``{"image_size": the shards' size}`` where the config leaves it unset (one size is required
+    then), else ``{}``."""
+    if base.image_size is not None:
+        return {}
+    if manifest.get("size") is None:
+        raise config_lib.ConfigError(f"{data_dir} holds images of several sizes; set --set image_size=HxW")
+    return {"image_size": tuple(manifest["size"])}
+
+
 def fill_from_manifest(manifest: dict, base: Any, data_dir: Path) -> Any:
     """A generative model's config completed from the shards: class count, ignore index and, unless
     set, the image size (one size is required then).  The config's own checks (e.g. a GAN's size
     must halve cleanly) run on the result."""
-    over = {"num_classes": manifest["num_classes"], "ignore_index": manifest["ignore_index"]}
-    if base.image_size is None:
-        if manifest.get("size") is None:
-            raise config_lib.ConfigError(f"{data_dir} holds images of several sizes; set --set image_size=HxW")
-        over["image_size"] = tuple(manifest["size"])
+    over = {"num_classes": manifest["num_classes"], "ignore_index": manifest["ignore_index"],
+            **image_size_from_manifest(manifest, base, data_dir)}
     return config_lib.replace(base, over)
 
 
@@ -391,7 +412,7 @@ def fit(task: Task, data: str, cfg: Any, rt, build_config: Callable[[dict, Any, 
 def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict, *, workers: int = 2,
         gpu: bool = False, run_name: str | None = None, max_failures: int = 0, cpus_per_worker: float = 1.0,
         register: bool = True, promote: bool = False, log=print, callbacks: list | None = None,
-        tags: dict | None = None, spread: bool = False) -> dict:
+        tags: dict | None = None, spread: bool = False, eval_splits: tuple[str, ...] = ()) -> dict:
     """Fit ``task`` and return a summary (run ids, best score, checkpoint paths, registry outcome).
 
     ``callbacks`` are Ray Train user callbacks (a Tune trial passes ``TuneReportCallback``);
@@ -400,7 +421,8 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     nodes are lost and grows again when resources return, each time from the latest checkpoint
     (each worker then recomputes its steps per epoch for the new group size; the ``workers``
     metric of every epoch says how many there were).  ``spread`` places the workers on as many
-    nodes as it can (``placement_strategy="SPREAD"``) instead of packing them."""
+    nodes as it can (``placement_strategy="SPREAD"``) instead of packing them.  ``eval_splits``: more
+    splits besides val (e.g. ``holdout``) that every worker can read whole, as datasets of those names."""
     from mlflow.tracking import MlflowClient
 
     from genseg import tracking
@@ -446,7 +468,8 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
         # (train_cache_mb), else per epoch; beyond a few GB, split it and permute within each shard.
         datasets={"train": ray.data.read_parquet(str(data_dir / "train")),
                   # val is small and read whole by every worker each epoch: keep it in memory
-                  "val": ray.data.read_parquet(str(data_dir / "val")).materialize()},
+                  "val": ray.data.read_parquet(str(data_dir / "val")).materialize(),
+                  **{split: ray.data.read_parquet(str(data_dir / split)).materialize() for split in eval_splits}},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     client = MlflowClient()
@@ -459,9 +482,7 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
         _mark_failed(client, run_id)
         raise RuntimeError(f"training run '{run_name}' failed: {result.error}")
 
-    sign = 1 if task.higher_is_better else -1
-    best_ckpt, best_metrics = max(result.best_checkpoints,
-                                  key=lambda cm: sign * cm[1].get(task.score, -sign * float("inf")))
+    best_ckpt, best_metrics = pick_best(task, result.best_checkpoints)
     out = rt.workdir / "runs" / run_name
     with result.checkpoint.as_directory() as d:
         final_epoch = ckpt_lib.load(d).epoch
@@ -485,6 +506,12 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     return summary
 
 
+def pick_best(task: Task, checkpoints: list[tuple[Any, dict]]) -> tuple[Any, dict]:
+    """The ``(checkpoint, metrics)`` pair whose ``task.score`` is best (a pair without it loses)."""
+    sign = 1 if task.higher_is_better else -1
+    return max(checkpoints, key=lambda cm: sign * cm[1].get(task.score, -sign * float("inf")))
+
+
 def register_best(task: Task, run_id: str, best_dir: Path, best_metrics: dict, data_dir: Path,
                   tracking_uri: str, promote: bool = False, scored_on: str = "val", artifact: str = "model",
                   extra_tags: dict | None = None) -> dict:
@@ -502,7 +529,8 @@ def register_best(task: Task, run_id: str, best_dir: Path, best_metrics: dict, d
     with tempfile.TemporaryDirectory() as tmp:
         tracking.save_pyfunc(best_dir, Path(tmp) / "model", kind)
         client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact)
-    digest, desc = fingerprint(data_dir, "val")
+    # the champion rule compares scores on the same data: the split the score was computed on
+    digest, desc = fingerprint(data_dir, scored_on if (data_dir / scored_on).is_dir() else "val")
     client.set_tag(run_id, tracking.DATA_TAG, digest)
     value = best_metrics.get(task.score)
     score = tracking.Score(task.score, None if value is None else float(value), task.higher_is_better)

@@ -211,7 +211,7 @@ def latent_shards(data: str, ref: str, rt, log=print) -> Path:
         out = Path(rt.workdir).resolve() / "latents" / key
         with machine_lock(f"latents-{key}"):
             if not (out / "manifest.json").is_file():
-                name = (f"{resolved.name}/{resolved.version}" if resolved.name and resolved.version else ref)
+                name = resolved.label
                 log(f"encoding {data} with {name} into {out} (once; later runs reuse it)")
                 encode_shards(data, resolved.path, out, vae_ref=name, progress=sys.stdout.isatty())
             else:

@@ -72,14 +72,11 @@ def train_loop(loop_config: dict) -> None:
             for k, v in out.items():
                 figures[k].append(v)
         seconds = time.perf_counter() - t0
-        n_steps = len(figures["g_loss"])
-        metrics = {k: s.mean(float(np.mean(v))) for k, v in figures.items() if v}
+        metrics = s.epoch_means(figures, seconds, cfg.batch_size)
         scores = scorer.score(ema.model) if scorer is not None else {}
         fd = s.broadcast(scores.get("val_fd_rand", float("nan")))
         best = min(best, fd) if np.isfinite(fd) else best
-        metrics.update({"epoch": epoch, "val_fd_rand": fd, "best_val_fd_rand": best,
-                        "samples_per_s": n_steps * cfg.batch_size * s.world / max(seconds, 1e-9),
-                        "epoch_seconds": seconds})
+        metrics.update({"epoch": epoch, "val_fd_rand": fd, "best_val_fd_rand": best})
         if s.rank == 0:
             metrics.update({k: v for k, v in scores.items() if k != "val_fd_rand"})
             s.say(f"epoch {epoch + 1}/{cfg.epochs}: D loss {metrics['d_loss']:.4f}, G loss {metrics['g_loss']:.4f}, "

@@ -88,15 +88,12 @@ def train_loop(loop_config: dict) -> None:
             for k, v in out.items():
                 figures[k].append(v)
         seconds = time.perf_counter() - t0
-        n_steps = len(figures["loss"])
-        metrics = {k: s.mean(float(np.mean(v))) for k, v in figures.items() if v}
-        val = _val_scores(ema.model, val_shard, size, s)
+        metrics = s.epoch_means(figures, seconds, cfg.batch_size)
+        val = _val_scores(ema.model, val_shard, size, s, cfg.val_images)
         best = max(best, val["val_psnr"])
         scale = 1.0 / max(val["latent_std"], 1e-6)
         metrics.update(val)
-        metrics.update({"epoch": epoch, "best_val_psnr": best, "latent_scale": scale, "lr": opt.param_groups[0]["lr"],
-                        "samples_per_s": n_steps * cfg.batch_size * s.world / max(seconds, 1e-9),
-                        "epoch_seconds": seconds})
+        metrics.update({"epoch": epoch, "best_val_psnr": best, "latent_scale": scale, "lr": opt.param_groups[0]["lr"]})
         if s.rank == 0:
             s.say(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} (L1 {metrics['l1']:.4f}, "
                   f"1-SSIM {metrics['ssim_loss']:.4f}, KL {metrics['kl']:.3g}"
@@ -113,15 +110,18 @@ def train_loop(loop_config: dict) -> None:
 
 
 @torch.no_grad()
-def _val_scores(model, val_shard, size, s) -> dict[str, float]:
-    """This worker's share of val, reconstructed from the posterior mean, summed, then averaged over
-    all workers: PSNR, SSIM and L1 per image, the KL per pixel value, and the latents' std."""
+def _val_scores(model, val_shard, size, s, limit: int = 0) -> dict[str, float]:
+    """This worker's share of val (of its first ``limit`` images; 0 = all), reconstructed from the
+    posterior mean, summed, then averaged over all workers: PSNR, SSIM and L1 per image, the KL per
+    pixel value, and the latents' std."""
     model.eval()
     sums = {"psnr": 0.0, "ssim": 0.0, "l1": 0.0, "kl": 0.0, "z": 0.0, "z2": 0.0, "n": 0.0, "nz": 0.0}
     i = 0
     for batch in val_shard.iter_batches(batch_size=8, batch_format="numpy"):
+        if limit and i >= limit:
+            break
         x, _ = diffusion_batch(batch, size, False, None)
-        keep = [j for j in range(len(x)) if (i + j) % s.world == s.rank]
+        keep = [j for j in range(len(x)) if (i + j) % s.world == s.rank and (not limit or i + j < limit)]
         i += len(x)
         if not keep:
             continue
@@ -160,11 +160,7 @@ def build_config(manifest: dict, base: VAEConfig, data_dir) -> VAEConfig:
     The config's own checks (sizes a multiple of the factor) run on the result."""
     from genseg import config as config_lib
 
-    if base.image_size is not None:
-        return base
-    if manifest.get("size") is None:
-        raise ConfigError(f"{data_dir} holds images of several sizes; set --set image_size=HxW")
-    return config_lib.replace(base, {"image_size": tuple(manifest["size"])})
+    return config_lib.replace(base, runner.image_size_from_manifest(manifest, base, data_dir))
 
 
 TASK = runner.Task(name="vae", experiment="genseg-vae", model_name="genseg-vae",

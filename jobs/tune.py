@@ -55,8 +55,8 @@ SCHEDULE_FIELDS = ("schedule", "timesteps", "beta_start", "beta_end", "predictio
                    "attention", "hflip")
 SAMPLING_FIELDS = ("sampler", "steps", "guidance")
 SEG_FIELDS = ("lr", "loss", "class_weights", "crop", "weight_decay", "optimizer", "schedule", "warmup_epochs",
-              "scale_min", "scale_max", "hflip", "batch_size", "arch", "width", "upsample")
-CLASS_WEIGHT_MODES = ("none", "median-freq", "dataset")
+              "scale_min", "scale_max", "hflip", "jitter", "gamma", "blur", "batch_size", "arch", "backbone", "width",
+              "upsample")
 SEARCHES = ("grid", "random", "tpe")
 
 
@@ -110,9 +110,14 @@ def check_training_space(space: SearchSpace, base: Any, stage: str) -> None:
     def build(over: dict):
         over = dict(over)
         cw = over.pop("class_weights", None)
-        if cw is not None and not (cw in CLASS_WEIGHT_MODES or isinstance(cw, (list, tuple))):
-            raise config_lib.ConfigError(f"class_weights must be one of {', '.join(CLASS_WEIGHT_MODES)} "
-                                         f"or a list of weights")
+        if cw is not None and not isinstance(cw, (list, tuple)):
+            from jobs.train_seg import WEIGHTINGS, parse_class_weights
+
+            try:
+                parse_class_weights(cw)
+            except config_lib.ConfigError:
+                raise config_lib.ConfigError(f"class_weights must be one of {', '.join(WEIGHTINGS)} (optionally "
+                                             f"NAME:CAP, e.g. median-freq:5) or a list of weights; got {cw!r}") from None
         return config_lib.replace(base, over)
 
     space.check(allowed, build, stage)
@@ -411,7 +416,9 @@ def run_training_stage(task: str, stage: str, opts: TuneOptions, rt, parent_run_
     from genseg import tracking
 
     if task == "seg":
-        from jobs.train_seg import TASK
+        from jobs.train_seg import task_for
+
+        TASK = task_for(opts.base)     # noqa: N806 (the split the base config selects on: val or e.g. holdout)
     else:
         from jobs.train_diffusion import TASK
     metric, mode = TASK.score, "max" if TASK.higher_is_better else "min"
@@ -556,11 +563,13 @@ def promote(task: str, model_dir: Path, opts: TuneOptions, rt, run_id: str, samp
     from genseg import checkpoint as ckpt_lib
     from jobs import runner
 
+    ck = ckpt_lib.load(model_dir)
     if task == "seg":
-        from jobs.train_seg import TASK
+        from jobs.train_seg import task_for
+
+        TASK = task_for(ck.config)     # noqa: N806
     else:
         from jobs.train_diffusion import LATENT_TASK, TASK
-    ck = ckpt_lib.load(model_dir)
     if getattr(ck.config, "latent_channels", 0):
         TASK = LATENT_TASK             # noqa: N806 (a latent model keeps to its own registry)
     metrics = dict(ck.meta.get("metrics") or {})
@@ -572,7 +581,8 @@ def promote(task: str, model_dir: Path, opts: TuneOptions, rt, run_id: str, samp
 
         MlflowClient(tracking_uri=rt.tracking_uri).log_artifacts(run_id, str(src), "best_checkpoint")
         return runner.register_best(TASK, run_id, src, metrics, Path(opts.data).resolve(), rt.tracking_uri,
-                                    promote=opts.promote, extra_tags={TUNE_TAG: opts.name})
+                                    promote=opts.promote, extra_tags={TUNE_TAG: opts.name},
+                                    scored_on=TASK.scored_on(ck.config) if TASK.scored_on else "val")
 
 
 def run(task: str, opts: TuneOptions, rt) -> dict:

@@ -101,7 +101,8 @@ def encode_shards(data: str | Path, vae_dir: str | Path, out: str | Path, *, vae
     """Encode every split of the shards in ``data`` with the autoencoder checkpoint ``vae_dir`` into
     latent shards at ``out`` -> their manifest.  Ray must already be initialised."""
     from genseg import checkpoint as ckpt_lib
-    from genseg.loading import load
+    from genseg.config import VAEConfig
+    from genseg.loading import WrongModelKind
 
     data, out = Path(data).resolve(), Path(out).resolve()
     manifest = load_manifest(data)
@@ -109,9 +110,13 @@ def encode_shards(data: str | Path, vae_dir: str | Path, out: str | Path, *, vae
         raise LatentError(f"{data} already holds latents; encode the pixel shards they came from")
     for split in manifest["splits"]:
         check_files(data, split, manifest)
-    vae = load(vae_dir, expect="vae")
-    size = encoding_size(manifest, tuple(size) if size else None, vae.factor, data)
-    grid = (size[0] // vae.factor, size[1] // vae.factor)
+    vae = ckpt_lib.header(vae_dir)        # the actors load the weights; the driver needs the shape of things
+    if not isinstance(vae.config, VAEConfig):
+        raise WrongModelKind(f"{vae_dir} holds a {type(vae.config).__name__} model, but encode needs an "
+                             f"autoencoder (genseg train vae)")
+    factor = vae.config.factor
+    size = encoding_size(manifest, tuple(size) if size else None, factor, data)
+    grid = (size[0] // factor, size[1] // factor)
     if out.exists() and not (out / MANIFEST).is_file():
         raise LatentError(f"--out {out} exists and is not a shard directory; choose another path")
     start = time.perf_counter()
@@ -142,8 +147,8 @@ def encode_shards(data: str | Path, vae_dir: str | Path, out: str | Path, *, vae
         for f in Path(vae.path).iterdir():     # the weights and config; not the optimizer state
             if f.name == ckpt_lib.CONFIG_FILE or f.suffix == ".safetensors":
                 shutil.copy2(f, tmp / "vae" / f.name)
-        latent = {"vae": vae_ref, "vae_digest": ckpt_lib.weights_digest(vae_dir), "factor": vae.factor,
-                  "channels": vae.latent_channels, "scale": vae.scale, "image_size": list(size),
+        latent = {"vae": vae_ref, "vae_digest": ckpt_lib.weights_digest(vae_dir), "factor": factor,
+                  "channels": vae.config.latent_channels, "scale": float(vae.meta.get("latent_scale", 1.0)), "image_size": list(size),
                   "source": str(data), "source_format": manifest.get("format"), "source_codec": manifest.get("codec")}
         out_manifest = {**manifest, "codec": LATENT, "size": list(grid), "sizes": [list(grid)], "latent": latent,
                         "bytes": nbytes, "seconds": round(time.perf_counter() - start, 3)}

@@ -48,6 +48,43 @@ def synthetic(num: int, size: tuple[int, int], seed: int = 0, val_fraction: floa
     return Source(SYNTHETIC, items)
 
 
+def holdout_prefixes(text: str | None) -> list[str]:
+    """``--holdout SEQ[,SEQ]`` -> the prefixes, in order, without blanks or repeats."""
+    out: list[str] = []
+    for p in (text or "").split(","):
+        p = p.strip()
+        if p and p not in out:
+            out.append(p)
+    if text is not None and not out:
+        raise SourceError("--holdout needs at least one file-name prefix, e.g. --holdout 0006R0")
+    return out
+
+
+def _sequences(names: list[str]) -> str:
+    """The sequence prefixes of ``names`` (the part before the first '_'), for an error message."""
+    seqs = sorted({n.split("_")[0] for n in names})
+    return ", ".join(seqs[:12]) + (f" ... ({len(seqs)} in all)" if len(seqs) > 12 else "")
+
+
+def hold_out(items: list[dict], prefixes: list[str], splits: tuple[str, ...] = ("train",)) -> None:
+    """Move the items of ``splits`` whose name starts with one of ``prefixes`` into the split
+    ``holdout`` (in place).  A prefix that matches nothing, or a holdout that would leave the train
+    split empty, is one :class:`SourceError`."""
+    if not prefixes:
+        return
+    pool = [it for it in items if it["split"] in splits]
+    for p in prefixes:
+        if not any(it["name"].startswith(p) for it in pool):
+            raise SourceError(f"--holdout {p}: no {'/'.join(splits)} image's name starts with {p!r} "
+                              f"(their sequences: {_sequences([it['name'] for it in pool])})")
+    for it in pool:
+        if it["name"].startswith(tuple(prefixes)):
+            it["split"] = "holdout"
+    if not any(it["split"] == "train" for it in items):
+        raise SourceError(f"--holdout {','.join(prefixes)} would move every training image ({len(pool)}) into "
+                          f"holdout; leave at least one sequence to train on")
+
+
 def _files(directory: Path, exts: set[str]) -> dict[str, Path]:
     return {p.stem: p for p in sorted(directory.iterdir()) if p.is_file() and p.suffix.lower() in exts}
 
@@ -66,8 +103,10 @@ def _pair(images: Path, masks: Path, split: str, label_map: dict | None, problem
             for stem in sorted(set(imgs) & set(msks))]
 
 
-def camvid(root: str | Path, splits: list[str]) -> Source:
-    """SegNet's CamVid layout: ``<split>/`` and ``<split>annot/``; void (11) -> ignore index."""
+def camvid(root: str | Path, splits: list[str], holdout: list[str] | None = None) -> Source:
+    """SegNet's CamVid layout: ``<split>/`` and ``<split>annot/``; void (11) -> ignore index.
+    ``holdout``: sequence prefixes (e.g. ``0006R0``) whose training frames become the split
+    ``holdout``: streets the model never sees, unlike val (all of it ``0016E5``, like 204 training frames)."""
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"CamVid root {root} does not exist")
@@ -78,6 +117,7 @@ def camvid(root: str | Path, splits: list[str]) -> Source:
         if not (root / split).is_dir():
             raise SourceError(f"CamVid root {root} has no '{split}/' directory (splits: {', '.join(splits)})")
         items += _pair(root / split, root / f"{split}annot", split, label_map, problems)
+    hold_out(items, list(holdout or []))
     return Source(CAMVID, items, problems)
 
 
@@ -102,9 +142,11 @@ def load_palette(path: str | Path) -> tuple[ClassSpec, list[list[int]]]:
 
 def folder(images: str | Path, masks: str | Path, num_classes: int | None = None,
            palette_file: str | Path | None = None, val_fraction: float = 0.2, seed: int = 0,
-           binary_masks: bool = False) -> Source:
+           binary_masks: bool = False, holdout: list[str] | None = None) -> Source:
     """Pairs by file stem.  Masks are class-index PNGs, or RGB colour PNGs with a palette file.
-    ``binary_masks``: single-channel 0/255 (or 0/1) foreground masks; 255 becomes class 1."""
+    ``binary_masks``: single-channel 0/255 (or 0/1) foreground masks; 255 becomes class 1.
+    ``holdout``: file-name prefixes whose pairs all become the split ``holdout``; val is drawn
+    from the rest."""
     check_val_fraction(val_fraction)
     problems: list[str] = []
     label_map = None
@@ -121,6 +163,9 @@ def folder(images: str | Path, masks: str | Path, num_classes: int | None = None
     elif num_classes:
         classes = ClassSpec(tuple(f"class_{i}" for i in range(num_classes)), default_palette(num_classes))
     items = _pair(Path(images), Path(masks), "train", label_map, problems)
+    hold_out(items, list(holdout or []))
+    held = [it for it in items if it["split"] == "holdout"]
+    items = [it for it in items if it["split"] != "holdout"]
     # a deterministic split by name: every 1/val_fraction-th pair (after a seeded shuffle) is val
     import random
 
@@ -129,4 +174,5 @@ def folder(images: str | Path, masks: str | Path, num_classes: int | None = None
     n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction))) if len(items) > 1 and val_fraction > 0 else 0
     for i in order[:n_val]:
         items[i]["split"] = "val"
+    items += held
     return Source(classes, items, problems, index_masks=None if (palette_file or binary_masks) else str(masks))

@@ -41,7 +41,7 @@ def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]):
     if tuple(image.shape[-2:]) == tuple(size):
         return image, mask
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
     return image, mask
 
 
@@ -83,6 +83,83 @@ class RandomHFlip:
         return image, mask
 
 
+# ---------------------------------------------------------------- photometric (image only)
+# They change colours, never geometry: the mask passes through untouched, so no label moves and
+# no class id is invented.  They work on the [0, 1] image and return the normalised one.
+
+def _unit(image: torch.Tensor) -> torch.Tensor:
+    return image * STD + MEAN
+
+
+def _normed(image01: torch.Tensor) -> torch.Tensor:
+    return (image01.clamp(0, 1) - MEAN) / STD
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+
+
+@dataclass
+class ColorJitter:
+    """Brightness, contrast and saturation, each scaled by a factor drawn from ``U(1 - s, 1 + s)``, in
+    a random order (torchvision's ColorJitter without hue)."""
+    strength: float
+
+    def __call__(self, image, mask, rng: random.Random):
+        if self.strength <= 0:
+            return image, mask
+        x = _unit(image)
+        ops = ["brightness", "contrast", "saturation"]
+        rng.shuffle(ops)
+        for op in ops:
+            f = rng.uniform(1 - self.strength, 1 + self.strength)
+            if op == "brightness":
+                x = x * f
+            elif op == "contrast":
+                x = (x - _grey(x).mean()) * f + _grey(x).mean()
+            else:
+                g = _grey(x)
+                x = (x - g) * f + g
+            x = x.clamp(0, 1)
+        return _normed(x), mask
+
+
+@dataclass
+class RandomGamma:
+    """``x ** gamma`` with ``log(gamma) ~ U(-g, g)``: darker or brighter mid-tones, same black and white."""
+    log_range: float
+
+    def __call__(self, image, mask, rng: random.Random):
+        if self.log_range <= 0:
+            return image, mask
+        gamma = float(np.exp(rng.uniform(-self.log_range, self.log_range)))
+        return _normed(_unit(image).clamp(0, 1) ** gamma), mask
+
+
+@dataclass
+class RandomBlur:
+    """With probability ``p``, a separable Gaussian blur of sigma ``U(0.3, 1.5)`` pixels (edges replicated)."""
+    p: float
+    sigma: tuple[float, float] = (0.3, 1.5)
+
+    def __call__(self, image, mask, rng: random.Random):
+        if self.p <= 0 or rng.random() >= self.p:
+            return image, mask
+        return gaussian_blur(image, rng.uniform(*self.sigma)), mask
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``(C, H, W)`` image blurred by a separable Gaussian (radius ``ceil(3 sigma)``, edges replicated)."""
+    r = max(1, int(np.ceil(3 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=image.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    c = image.shape[0]
+    x = F.pad(image[None], (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return x[0]
+
+
 class Compose:
     def __init__(self, transforms):
         self.transforms = list(transforms)
@@ -94,8 +171,17 @@ class Compose:
 
 
 def train_transforms(crop: tuple[int, int], scale_min: float, scale_max: float, hflip: bool,
-                     ignore_index: int = IGNORE_INDEX) -> Compose:
+                     ignore_index: int = IGNORE_INDEX, jitter: float = 0.0, gamma: float = 0.0,
+                     blur: float = 0.0) -> Compose:
+    """Scale, crop and flip (image and mask together), then the photometric ones that are switched on
+    (image only), in that order."""
     ts = [RandomScale(scale_min, scale_max), RandomCrop(crop, ignore_index)]
     if hflip:
         ts.append(RandomHFlip())
+    if jitter > 0:
+        ts.append(ColorJitter(jitter))
+    if gamma > 0:
+        ts.append(RandomGamma(gamma))
+    if blur > 0:
+        ts.append(RandomBlur(blur))
     return Compose(ts)

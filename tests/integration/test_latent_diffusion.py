@@ -100,6 +100,27 @@ def test_encode_train_resume_sample_eval_and_edit(ray_cluster, tmp_path, capsys)
     assert g["protocol"]["size"] == [16, 24] and np.isfinite(g["fd"]) and np.isfinite(g["inpaint_psnr"])
     assert g["inpaint_boundary"] > 0 and g["inpaint_boundary_real"] > 0
 
+    # Tune's sampling search takes it too, and the winner stays in the latent model's registry
+    import yaml
+
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"sampling": {"guidance": [0, 2], "sampler": ["ddim"],
+                                                                      "steps": [2]}}))
+    assert main(["tune", "diffusion", "--stage", "sampling", "--model", ref, "--data", data, "--space",
+                 str(tmp_path / "space.yaml"), "--segmenter", str(seg_dir), "--num", "4", "--batch-size", "4",
+                 "--name", "lt", "--workdir", wd, "--json", str(tmp_path / "tune.json")]) == 0
+    t = json.loads((tmp_path / "tune.json").read_text())
+    assert sorted(r["params"]["guidance"] for r in t["stages"]["sampling"]["trials"]) == [0, 2]
+    assert all(np.isfinite(r["metrics"]["fd"]) for r in t["stages"]["sampling"]["trials"])
+    if t["registered"] is not None:
+        from mlflow.tracking import MlflowClient
+
+        v = MlflowClient(f"sqlite:///{tmp_path / 'wd' / 'mlflow.db'}").get_model_version(
+            "genseg-latent-diffusion", str(t["registered"]["version"]))
+        assert json.loads(v.tags["genseg.sampling"]) == t["best_sampling"]
+        assert v.tags.get("genseg.tune") == "lt"
+    else:                       # no trial beat the model's own settings: nothing new is registered
+        assert t["stages"]["sampling"]["chosen"]["own_settings_kept"]
+
     from genseg.data.synthetic import make_scene
 
     image, _ = make_scene(0, 99, 32, 48)

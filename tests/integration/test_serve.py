@@ -437,6 +437,53 @@ def test_web_page_segments_removes_and_synthesizes(app, image, tmp_path):
             browser.close()
 
 
+# ------------------------------------------------------------------ a latent diffusion model, unchanged
+
+def test_a_latent_diffusion_model_is_served_like_a_pixel_one(app, image):
+    """The same app with a latent model (autoencoder factor 2 + a DDPM on its 8x10 grid) as the generator:
+    full-resolution synthesis equal to the model's own, and edits that keep every pixel outside the region.
+    It redeploys the app, so it runs after the tests above."""
+    from genseg import config as config_lib
+    from genseg.config import VAEConfig
+    from genseg.models.vae import build_vae
+
+    root = app["root"]
+    torch.manual_seed(1)
+    vcfg = VAEConfig(channels=(8, 16), norm_groups=4, latent_channels=3, image_size=GEN_SIZE)
+    dcfg = DiffusionConfig(num_classes=3, channels=(8, 16), image_size=(8, 10), timesteps=50, sample_steps=2,
+                           sampler="ddim", guidance=1.5, latent_channels=3, latent_factor=2)
+    ldm = ck.save(root / "ldm", build_diffusion_model(dcfg), dcfg, epoch=0, classes=CLASSES,
+                  extra_meta={"vae": {"config": config_lib.asdict(vcfg), "latent_scale": 1.2}},
+                  extra_weights={"vae": build_vae(vcfg)})
+    assert register(app["uri"], root, ldm, "genseg-latent-diffusion", "diffusion", 0.1)["champion"]
+    config = config_for(app, app["port"])
+    config["applications"][0]["args"]["generator"] = "models:/genseg-latent-diffusion@champion"
+    deploy(config)
+
+    lm = np.zeros(GEN_SIZE, np.uint8)
+    lm[8:] = 1
+    lm[10:14, 5:12] = 2
+    r = requests.post(app["url"] + "/v1/synthesize", files={"label_map": ("l.png", png(lm))},
+                      data={"params": json.dumps({"seed": 3, "steps": 3})}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-genseg-model"] == "genseg-latent-diffusion/1"
+    img = decode(r.content)
+    assert img.shape == (*GEN_SIZE, 3)
+    ref = load(ldm).generate(torch.from_numpy(lm.astype(np.int64))[None], 1, 3, steps=3)[0].numpy()
+    assert np.abs(ref.astype(int) - img.astype(int)).mean() < 2.0
+
+    labels = local(app, "seg1").segment(image)
+    cls = int(np.bincount(labels.ravel()).argmax())
+    r = requests.post(app["url"] + "/v1/edit", files={"image": ("a.png", png(image))},
+                      data={"params": json.dumps({"operation": "remove", "classes": [CLASSES["names"][cls]],
+                                                  "dilate": 1, "steps": 2, "seed": 1})}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-genseg-generator"] == "genseg-latent-diffusion/1"
+    out, region = decode(r.content), dilate(labels == cls, 1)
+    assert out.shape == image.shape and np.array_equal(out[~region], image[~region])
+    assert not np.array_equal(out[region], image[region])
+
+
 # ------------------------------------------------------------------ `genseg serve`, start to clean stop
 
 def _genseg(*args, **kw):

@@ -94,3 +94,100 @@ def test_resume_with_a_different_model_is_refused(ray_cluster, tmp_path, capsys)
                  "--workdir", str(tmp_path / "wd")])
     err = capsys.readouterr().err
     assert code == 1 and "run 'r' exists with a different model (width: 8 -> 16)" in err
+
+
+def _street_sequences(root):
+    """Synthetic scenes saved as a folder source with CamVid-style names: three 'sequences' of 10 pairs."""
+    import numpy as np
+    from PIL import Image
+
+    from genseg.data.synthetic import make_scene
+
+    images, masks = root / "images", root / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for s, seq in enumerate(("0001TP", "0006R0", "0016E5")):
+        for i in range(10):
+            image, mask = make_scene(s, i, 32, 48)
+            Image.fromarray(image).save(images / f"{seq}_{i:06d}.png")
+            Image.fromarray(mask.astype(np.uint8)).save(masks / f"{seq}_{i:06d}.png")
+    return str(images), str(masks)
+
+
+def test_holdout_split_select_on_it_and_evaluate_it(ray_cluster, tmp_path, capsys):
+    """prepare --holdout -> train seg --select-on holdout (both splits scored every epoch; the best
+    checkpoint and the champion on holdout) -> eval seg --split holdout, with flip TTA and pictures."""
+    import numpy as np
+    from PIL import Image
+
+    wd, data = str(tmp_path / "wd"), str(tmp_path / "shards")
+    images, masks = _street_sequences(tmp_path)
+    assert main(["prepare", "--source", "folder", "--images", images, "--masks", masks, "--num-classes", "7",
+                 "--holdout", "0006R0", "--val-fraction", "0.25", "--out", data, "--workdir", wd]) == 0
+    m = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert {s: v["count"] for s, v in m["splits"].items()} == {"train": 15, "val": 5, "holdout": 10}
+    from pipelines.shards import iter_split
+
+    names = {s: {str(n) for b in iter_split(data, s, 64) for n in b["name"]} for s in ("train", "val", "holdout")}
+    assert names["holdout"] == {f"0006R0_{i:06d}" for i in range(10)}
+    assert not names["holdout"] & (names["train"] | names["val"])
+
+    capsys.readouterr()
+    assert main(["train", "seg", "--data", data, "--workers", "1", "--epochs", "4", "--select-on", "holdout",
+                 "--run-name", "h", "--workdir", wd, "--json", str(tmp_path / "s.json"), *TINY, "--lr", "0.01",
+                 "--set", "jitter=0.2", "--set", "gamma=0.2", "--set", "blur=0.2", "--set", "loss=ohem_dice"]) == 0
+    out = capsys.readouterr().out
+    assert "holdout mIoU" in out and "registered" in out
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["score"] == "holdout_miou"
+    client = MlflowClient(summary["tracking_uri"])
+    hist = {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], "holdout_miou")}
+    val_hist = {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], "val_miou")}
+    assert sorted(hist) == sorted(val_hist) == [0, 1, 2, 3]
+    assert len(set(hist.values())) > 1, hist                           # it learned: the epochs differ
+    assert hist[summary["best_epoch"]] == max(hist.values())          # chosen on holdout
+    assert summary["best_holdout_miou"] == pytest.approx(max(hist.values()))
+    pics = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "pictures")}
+    assert "pictures/holdout_epoch_000.png" in pics and "pictures/epoch_000.png" in pics
+    champ = client.get_model_version_by_alias("genseg-segmenter", "champion")
+    from genseg.data.shards import fingerprint
+
+    assert champ.tags["genseg.scored_on"] == "holdout" and champ.tags["genseg.score_name"] == "holdout_miou"
+    assert champ.tags["genseg.data_fingerprint"] == fingerprint(data, "holdout")[0]
+
+    # eval seg --split holdout: the same figure as training's, then flip TTA (reported as such) and pictures
+    plain, tta, pic = tmp_path / "plain.json", tmp_path / "tta.json", tmp_path / "holdout.png"
+    assert main(["eval", "seg", "--model", summary["best_checkpoint"], "--data", data, "--split", "holdout",
+                 "--json", str(plain), "--workdir", wd]) == 0
+    p = json.loads(plain.read_text())
+    assert p["images"] == 10 and p["miou"] == pytest.approx(summary["best_score"], abs=1e-9)
+    assert p["protocol"]["tta"] == {"flip": False, "scales": [1.0]}
+    capsys.readouterr()
+    assert main(["eval", "seg", "--model", summary["best_checkpoint"], "--data", data, "--split", "holdout",
+                 "--tta-flip", "--pictures", str(pic), "--pictures-num", "3", "--json", str(tta), "--workdir", wd]) == 0
+    assert "test-time augmentation: flip on" in capsys.readouterr().out
+    t = json.loads(tta.read_text())
+    assert t["protocol"]["tta"] == {"flip": True, "scales": [1.0]} and t["miou"] != p["miou"]
+    assert np.asarray(Image.open(pic)).shape == (3 * 32 + 2 * 2, 4 * 48 + 3 * 2, 3)
+
+    # bad input, one line each: a sequence that is not there, a holdout that takes everything, a split
+    # to select on that the shards lack
+    for args, message in (
+            (["prepare", "--source", "folder", "--images", images, "--masks", masks, "--num-classes", "7",
+              "--holdout", "Seq05VD", "--out", str(tmp_path / "x")],
+             "--holdout Seq05VD: no train image's name starts with 'Seq05VD' (their sequences: 0001TP, 0006R0, 0016E5)"),
+            (["prepare", "--source", "folder", "--images", images, "--masks", masks, "--num-classes", "7",
+              "--holdout", "0001TP,0006R0,0016E5", "--out", str(tmp_path / "x")],
+             "would move every training image (30) into holdout"),
+            (["train", "seg", "--data", str(tmp_path / "plain-shards"), "--select-on", "holdout", *TINY],
+             "--select-on holdout: "),
+            (["prepare", "--source", "synthetic", "--holdout", "scene", "--out", str(tmp_path / "x")],
+             "--holdout applies to --source camvid and --source folder")):
+        if "plain-shards" in args[3] and not (tmp_path / "plain-shards").exists():
+            assert main(["prepare", "--source", "synthetic", "--num", "12", "--size", "32x48", "--out",
+                         str(tmp_path / "plain-shards"), "--workdir", wd]) == 0
+        capsys.readouterr()
+        assert main([*args, "--workdir", wd]) != 0
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()

@@ -95,3 +95,23 @@ def test_elastic_resize_interval_comes_from_the_environment(monkeypatch):
         _resize_interval(True)
     monkeypatch.delenv("GENSEG_ELASTIC_RESIZE_S")
     assert _resize_interval(True) == {}
+
+
+def test_a_failed_fit_marks_only_a_running_run_failed(tmp_path):
+    """A fit that raises ends its run FAILED; a run the search already ended (an ASHA-stopped Tune trial is
+    KILLED) keeps that status, whatever order the two writes reach the store in."""
+    from mlflow.tracking import MlflowClient
+
+    from genseg import tracking
+    from jobs.runner import _mark_failed
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.setup(tmp_path, uri)
+    client = MlflowClient(uri)
+    exp = tracking.experiment_id("test-runner", tmp_path)
+    running, killed = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
+    client.set_terminated(killed, status="KILLED")
+    _mark_failed(client, running)
+    _mark_failed(client, killed)
+    assert client.get_run(running).info.status == "FAILED"
+    assert client.get_run(killed).info.status == "KILLED"
