@@ -29,11 +29,15 @@ read -r -a EXTRA <<<"${GPU14_EXTRA:-}"
 run() { local tag=$1; shift; timeout 540 "$PY" bench/gpu_seg.py --root "$ROOT" --holdout 0006R0 --out "$OUTDIR" --tag "$tag" "$@" \
             ${EXTRA[@]+"${EXTRA[@]}"} >"$OUTDIR/$tag.log" 2>&1 & }
 run gpu-resnet34 --config bench/configs/camvid_gpu.yaml --class-weights inv-sqrt --eval-every 10 --minutes "$MIN"
-run c40-compact-dataset "${CPU[@]}" --class-weights dataset
-run c40-compact-invsqrt "${CPU[@]}" --class-weights inv-sqrt
 run c40-compact-dataset-photo "${CPU[@]}" --class-weights dataset "${PHOTO[@]}"
 run c40-compact-invsqrt-photo "${CPU[@]}" --class-weights inv-sqrt "${PHOTO[@]}"
+run c40-resnet18-invsqrt "${CPU[@]}" --set backbone=resnet18 --class-weights inv-sqrt
 run c40-resnet18-invsqrt-photo "${CPU[@]}" --set backbone=resnet18 --class-weights inv-sqrt "${PHOTO[@]}"
 run c40-resnet18-invsqrt-photo-cedice "${CPU[@]}" --set backbone=resnet18 --class-weights inv-sqrt "${PHOTO[@]}" --set loss=ce_dice
+run c40-compact-invsqrt-holdout1TP "${CPU[@]}" --class-weights inv-sqrt --holdout 0001TP
+if [[ -z "${GPU14_SECOND:-}" ]]; then     # the two that ran in the first call (they do not need a rerun)
+    run c40-compact-dataset "${CPU[@]}" --class-weights dataset
+    run c40-compact-invsqrt "${CPU[@]}" --class-weights inv-sqrt
+fi
 wait
 for f in "$OUTDIR"/*.log; do echo "== $f"; grep -E "done:|Error|error|fit in" "$f" | tail -n 3; done

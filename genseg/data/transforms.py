@@ -151,7 +151,7 @@ class RandomBlur:
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     """``(C, H, W)`` image blurred by a separable Gaussian (radius ``ceil(3 sigma)``, edges replicated)."""
     r = max(1, int(np.ceil(3 * sigma)))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=image.dtype) / sigma) ** 2)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=image.dtype, device=image.device) / sigma) ** 2)
     k = k / k.sum()
     c = image.shape[0]
     x = F.pad(image[None], (r, r, r, r), mode="replicate")
