@@ -115,3 +115,36 @@ def test_a_failed_fit_marks_only_a_running_run_failed(tmp_path):
     _mark_failed(client, killed)
     assert client.get_run(running).info.status == "FAILED"
     assert client.get_run(killed).info.status == "KILLED"
+
+
+def test_vae_validation_scores_only_the_first_val_images_when_told():
+    """``val_images=N``: the epoch's val figures are those of the first N images, not of all of them."""
+    import types
+
+    import numpy as np
+    import torch
+
+    from genseg.config import VAEConfig
+    from genseg.data.shards import encode_row
+    from genseg.models.vae import build_vae
+    from jobs.train_vae import _val_scores
+
+    rng = np.random.default_rng(0)
+    rows = [encode_row(f"v{i}", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) if i >= 3 else
+                       np.full((16, 16, 3), 40 * i, np.uint8), np.zeros((16, 16), np.uint8)) for i in range(8)]
+
+    class Shard:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def iter_batches(self, batch_size, batch_format):
+            for i in range(0, len(self.rows), batch_size):
+                chunk = self.rows[i: i + batch_size]
+                yield {k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
+
+    torch.manual_seed(0)
+    net = build_vae(VAEConfig(channels=(8, 16), norm_groups=4, latent_channels=3, image_size=(16, 16)))
+    session = types.SimpleNamespace(world=1, rank=0, device=torch.device("cpu"), mean=lambda v: v)
+    first3 = _val_scores(net, Shard(rows), (16, 16), session, limit=3)
+    assert first3 == _val_scores(net, Shard(rows[:3]), (16, 16), session)
+    assert first3["val_psnr"] != _val_scores(net, Shard(rows), (16, 16), session)["val_psnr"]
