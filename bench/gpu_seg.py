@@ -246,14 +246,7 @@ def main(argv=None) -> int:
             with engine.autocast(device, cfg.amp):
                 logits = model(x)
             loss = loss_fn(logits.float(), y, wt, cfg.ignore_index)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            engine.backward_step(loss, optimizer, scaler)
             scheduler.step()
             total += loss.detach()
         if device.type == "cuda":

@@ -123,6 +123,18 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def backward_step(loss: torch.Tensor, optimizer, scaler: "torch.amp.GradScaler | None" = None) -> None:
+    """Zero the gradients, backpropagate ``loss`` and step (through ``scaler`` for fp16)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_one_epoch(model, optimizer, scheduler, batches: Iterable, cfg, device: torch.device,
                     scaler: "torch.amp.GradScaler | None" = None, max_steps: int | None = None) -> dict:
     """One pass over ``batches``; returns mean loss, samples, seconds, the seconds spent waiting
@@ -144,14 +156,7 @@ def train_one_epoch(model, optimizer, scheduler, batches: Iterable, cfg, device:
         with autocast(device, cfg.amp):
             logits = model(images)
         loss = loss_fn(logits.float(), masks, weight, cfg.ignore_index)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_step(loss, optimizer, scaler)
         if scheduler is not None:
             scheduler.step()
         total += loss.item() * images.shape[0]
