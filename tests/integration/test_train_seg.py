@@ -170,6 +170,20 @@ def test_holdout_split_select_on_it_and_evaluate_it(ray_cluster, tmp_path, capsy
     assert t["protocol"]["tta"] == {"flip": True, "scales": [1.0]} and t["miou"] != p["miou"]
     assert np.asarray(Image.open(pic)).shape == (3 * 32 + 2 * 2, 4 * 48 + 3 * 2, 3)
 
+    # Tune searches the recipe with the holdout split as its objective, and registers the winner as scored there
+    import yaml
+
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"seg": {"lr": [0.01, 1e-9], "class_weights": ["inv-sqrt"]}}))
+    assert main(["tune", "seg", "--data", data, "--space", str(tmp_path / "space.yaml"), "--epochs", "2",
+                 "--set", "width=8", "--set", "batch_size=4", "--set", "crop=32x48", "--set", "select_on=holdout",
+                 "--name", "hs", "--workdir", wd, "--json", str(tmp_path / "tune.json")]) == 0
+    res = json.loads((tmp_path / "tune.json").read_text())
+    trials = res["stages"]["seg"]["trials"]
+    assert len(trials) == 2 and all("holdout_miou" in r["metrics"] for r in trials)
+    assert res["stages"]["seg"]["best"]["metrics"]["best_miou"] == max(r["metrics"]["best_miou"] for r in trials)
+    v = client.get_model_version("genseg-segmenter", str(res["registered"]["version"]))
+    assert v.tags["genseg.scored_on"] == "holdout" and v.tags["genseg.score_name"] == "holdout_miou"
+
     # bad input, one line each: a sequence that is not there, a holdout that takes everything, a split
     # to select on that the shards lack
     for args, message in (
