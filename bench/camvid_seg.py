@@ -74,10 +74,14 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(summary["tracking_uri"])
-    final_dir = wd / "final_checkpoint"
-    if not (final_dir / "config.json").is_file():
-        client.download_artifacts(summary["mlflow_run_id"], "checkpoint", str(wd))
-        (wd / "checkpoint").rename(final_dir)
+    import shutil
+    import tempfile
+
+    final_dir = wd / "final_checkpoint"        # this run's last checkpoint, fetched afresh every time
+    shutil.rmtree(final_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=wd) as tmp:
+        client.download_artifacts(summary["mlflow_run_id"], "checkpoint", tmp)
+        shutil.move(str(Path(tmp) / "checkpoint"), str(final_dir))
     t_eval = 0.0
     evals: dict = {}
     for label, ckpt in (("selected", summary["best_checkpoint"]), ("last", str(final_dir))):

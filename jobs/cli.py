@@ -511,7 +511,8 @@ def cmd_train(args, rt) -> int:
                               f"{_resume_command(args, run_name)}") from None
     reg = summary.get("registered")
     score = summary["best_score"]
-    shown = {"val_miou": f"{100 * score:.2f}", "val_psnr": f"{score:.2f} dB"}.get(summary["score"], f"{score:.4f}")
+    shown = (f"{100 * score:.2f}" if summary["score"].endswith("_miou") else
+             {"val_psnr": f"{score:.2f} dB"}.get(summary["score"], f"{score:.4f}"))
     print(f"run '{summary['run_name']}': epoch {summary['final_epoch'] + 1} done, best {summary['score']} "
           f"{shown} (epoch {summary['best_epoch'] + 1})")
     if reg:
@@ -572,6 +573,14 @@ def cmd_eval(args, rt) -> int:
     from genseg import tracking
     from jobs import eval_seg
 
+    seg_only = [f for f, on in (("--tta-flip", args.tta_flip), ("--tta-scales", args.tta_scales),
+                                ("--pictures", args.pictures)) if on]
+    if args.task == "gen" and seg_only:
+        raise UsageError(f"{', '.join(seg_only)} applies to `eval seg`, not `eval gen`")
+    if args.pictures_num != 4 and not args.pictures:
+        raise UsageError("--pictures-num needs --pictures PNG (where to write them)")
+    if args.pictures:
+        eval_seg.check_picture_path(args.pictures)
     tracking.setup(rt.workdir, rt.tracking_uri)
     if args.task == "gen":
         from jobs import eval_gen
@@ -686,6 +695,10 @@ def tune_options(args):
         from jobs import train_seg
 
         base = train_seg.build_config(manifest, base, args.class_weights)
+        from pipelines.shards import check_split
+
+        for split in train_seg.eval_splits(Path(args.data), manifest, base)[1:]:   # e.g. holdout
+            check_split(args.data, split, need_labels=True)
     else:
         from jobs import runner
 

@@ -48,6 +48,7 @@ def run(seg, data: str, split: str = "val", infer_scale: float | None = None, li
     if pictures and kept:
         from genseg.viz import quad, save_png, stack_rows
 
+        Path(pictures).parent.mkdir(parents=True, exist_ok=True)
         save_png(stack_rows([quad(i, m, p, manifest["classes"]["palette"], cfg.ignore_index) for i, m, p in kept]),
                  pictures)
     return {
@@ -61,6 +62,22 @@ def run(seg, data: str, split: str = "val", infer_scale: float | None = None, li
                      "tta": {"flip": bool(flip), "scales": list(scales)}},
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def check_picture_path(path: str) -> None:
+    """``--pictures``: a .png whose directory exists (or can be made) and is writable; one line if not."""
+    import os
+
+    p = Path(path)
+    if p.suffix.lower() != ".png":
+        raise InputError(f"--pictures {path}: the picture is written as PNG; give a path ending in .png")
+    parent = p.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"--pictures {path}: cannot write under {parent}")
+    if p.is_dir():
+        raise InputError(f"--pictures {path} is a directory; give a file name ending in .png")
 
 
 def _clean(v: float):

@@ -35,7 +35,8 @@ def train_loop(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler("cuda") if s.device.type == "cuda" and cfg.amp == "fp16" else None
     rngs = {"augment": rng}
     start_epoch, meta = s.restore(model, {"model": optimizer}, {"model": scheduler}, rngs=rngs, scaler=scaler)
-    best = meta.get("best_miou", float("-inf"))      # on cfg.select_on
+    # the best so far on cfg.select_on; a resume that selects on another split starts its best afresh
+    best = meta.get("best_miou", float("-inf")) if meta.get("select_on", "val") == cfg.select_on else float("-inf")
     model = ray.train.torch.prepare_model(model)
     splits = rt.get("eval_splits") or ["val"]          # val first, then e.g. holdout
     shards = {split: ray.train.get_dataset_shard(split) for split in splits}
@@ -119,9 +120,12 @@ def task_for(cfg: SegConfig) -> runner.Task:
 
 
 def eval_splits(data_dir: Path, manifest: dict, cfg: SegConfig) -> list[str]:
-    """val, then every other split but train (e.g. holdout): each is scored every epoch.  The split
-    ``cfg.select_on`` names must be one of them."""
-    splits = ["val"] + sorted(s for s in manifest["splits"] if s not in ("train", "val"))
+    """val, then every other split but train and test (e.g. holdout): each is scored every epoch.  The
+    split ``cfg.select_on`` names must be one of them (test never is: it is scored once, at the end)."""
+    splits = ["val"] + sorted(s for s in manifest["splits"] if s not in ("train", "val", "test"))
+    if cfg.select_on == "test":
+        raise config_lib.ConfigError("--select-on test: choosing a model on the test split spends it; select on "
+                                     "val or a holdout split, and score test once with `genseg eval seg --split test`")
     if cfg.select_on not in splits:
         raise config_lib.ConfigError(
             f"--select-on {cfg.select_on}: {data_dir} has no split {cfg.select_on!r} (its splits: "

@@ -20,9 +20,9 @@ def _train_frequencies(manifest: dict) -> np.ndarray:
 
 
 def median_frequency_weights(manifest: dict) -> tuple[float, ...]:
-    """SegNet's median-frequency balancing from the shard's class pixel histogram."""
-    freq = np.asarray(manifest["class_pixels"], dtype=np.float64)
-    freq = freq / max(freq.sum(), 1)
+    """SegNet's median-frequency balancing from the training pixels' class histogram (never the
+    val or holdout pixels)."""
+    freq = _train_frequencies(manifest)
     present = freq > 0
     med = np.median(freq[present]) if present.any() else 1.0
     w = np.where(present, med / np.where(present, freq, 1), 0.0)

@@ -101,7 +101,27 @@ def test_photometric_changes_the_image_and_never_the_mask(photometric):
     out_img, out_m = photometric(img, m, random.Random(1))
     assert out_m is m                                          # the very same labels, untouched
     assert out_img.shape == img.shape and not torch.equal(out_img, img)
-    assert denormalize(out_img).min() >= 0
+
+
+def test_the_config_switches_photometric_augmentation_on_in_training_batches():
+    """``jitter``/``gamma``/``blur`` reach the training batches: the same seed gives the same labels
+    and geometry, and other colours only when they are on."""
+    from genseg.data.shards import encode_row
+
+    image, mask = _pattern()
+    rows = [encode_row("r0", image, mask)]      # one image: the photometric draws come after its geometry
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+
+    def run(**photo):
+        cfg = SegConfig(num_classes=6, scale_min=1.0, scale_max=1.0, hflip=False, **photo)
+        return next(engine.train_batches([batch], cfg, (32, 48), random.Random(0)))
+
+    x0, m0 = run()
+    again, _ = run()
+    for photo in ({"jitter": 0.5}, {"gamma": 0.5}, {"blur": 1.0}):
+        x, m = run(**photo)
+        assert torch.equal(m, m0) and not torch.equal(x, x0), photo
+    assert torch.equal(again, x0)
 
 
 def test_the_full_pipeline_keeps_masks_aligned_with_images_and_invents_no_class():
@@ -195,6 +215,9 @@ def test_ohem_averages_only_the_hard_pixels_and_keeps_a_minimum():
     assert torch.allclose(ohem_cross_entropy(logits, target, threshold=0.7, min_kept=0.5), ce.topk(4).values.mean())
     # with nothing hard below the threshold, plain CE of the hardest pixels
     assert torch.allclose(ohem_cross_entropy(logits, target, threshold=0.05, min_kept=1.0), ce.mean())
+    # class weights scale each pixel's loss; the cut stays "p(true) < threshold" whatever the weight
+    w = torch.tensor([2.0, 1.0])
+    assert torch.allclose(ohem_cross_entropy(logits, target, w, threshold=0.7), 2 * ce[6:].mean())
     assert get_loss("ohem") is ohem_cross_entropy
     both = get_loss("ohem_dice")(logits, target)
     assert both > ohem_cross_entropy(logits, target)
@@ -258,6 +281,11 @@ def test_select_on_a_split_the_shards_lack_is_one_line(tmp_path):
                        SegConfig(select_on="holdout")) == ["val", "holdout"]
     with pytest.raises(ConfigError, match="'select_on' must name an evaluation split"):
         SegConfig(select_on="train")
+    # a test split is never scored during training, nor selected on
+    with_test = {"splits": {"train": {}, "val": {}, "holdout": {}, "test": {}}}
+    assert eval_splits(tmp_path, with_test, SegConfig()) == ["val", "holdout"]
+    with pytest.raises(ConfigError, match="choosing a model on the test split spends it"):
+        eval_splits(tmp_path, with_test, SegConfig(select_on="test"))
 
 
 # ------------------------------------------------------------------ pictures
