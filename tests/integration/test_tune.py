@@ -66,7 +66,17 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     assert objs == sorted(objs)                                   # best first
     best = res["stages"]["sampling"]["best"]
     assert best["metrics"]["objective"] == min(objs)
-    assert res["best_sampling"] == {"sampler": "ddim", "steps": 3, "guidance": float(best["params"]["guidance"])}
+    own = res["stages"]["sampling"]["default"]
+    if res["stages"]["sampling"]["chosen"]["own_settings_kept"]:
+        # the trained model's own settings scored at least as well as every trial: they are what is kept
+        # (which side wins depends on the two-epoch model's samples, not on the code under test)
+        from genseg.generation import SamplingSettings
+
+        assert own["metrics"]["objective"] <= min(objs)
+        assert res["best_sampling"] == SamplingSettings.from_dict(own["settings"]).to_dict()
+    else:
+        assert own["metrics"]["objective"] > min(objs)
+        assert res["best_sampling"] == {"sampler": "ddim", "steps": 3, "guidance": float(best["params"]["guidance"])}
 
     # MLflow: one parent, a child run per trial, with how each ended
     uri = f"sqlite:///{tmp_path / 'wd' / 'mlflow.db'}"
