@@ -234,32 +234,35 @@ def _read_weights(path: Path, name: str, doc: dict | None) -> dict[str, torch.Te
                               f"{exc}); restore it from a copy or use another checkpoint") from None
 
 
-def load(path: str | os.PathLike) -> Checkpoint:
-    """Read config and weights of a checkpoint directory."""
-    path = _resolve(Path(path))
+def _open(path: Path) -> tuple[Path, dict, int, Any]:
+    """(resolved path, migrated config.json, its format, the config) of a checkpoint directory."""
+    path = _resolve(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{path} is not a genseg checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     doc, fmt = _read_doc(path)
-    cfg = _config(doc, path / CONFIG_FILE)
+    return path, doc, fmt, _config(doc, path / CONFIG_FILE)
+
+
+def _meta(doc: dict) -> dict:
     meta = doc.get("meta", {})
-    return Checkpoint(cfg, _read_weights(path, WEIGHTS_FILE, doc), meta if isinstance(meta, dict) else {}, path,
-                      fmt)
+    return meta if isinstance(meta, dict) else {}
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Read config and weights of a checkpoint directory."""
+    path, doc, fmt, cfg = _open(Path(path))
+    return Checkpoint(cfg, _read_weights(path, WEIGHTS_FILE, doc), _meta(doc), path, fmt)
 
 
 def header(path: str | os.PathLike) -> Checkpoint:
     """Config and meta of a checkpoint directory, its weight files checked against the sizes and digests
     its config.json records but not read into tensors (``state_dict`` is empty): what a driver needs to
     plan work that workers load the weights for."""
-    path = _resolve(Path(path))
-    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"{path} is not a genseg checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    doc, fmt = _read_doc(path)
-    cfg = _config(doc, path / CONFIG_FILE)
+    path, doc, fmt, cfg = _open(Path(path))
     for name in (doc.get("files") or {}):
         if name.endswith(".safetensors"):
             _verify(path, name, doc)
-    meta = doc.get("meta", {})
-    return Checkpoint(cfg, {}, meta if isinstance(meta, dict) else {}, path, fmt)
+    return Checkpoint(cfg, {}, _meta(doc), path, fmt)
 
 
 def _doc_or_none(path: Path) -> dict | None:

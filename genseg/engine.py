@@ -66,7 +66,7 @@ def train_batches(batches: Iterable[dict], cfg, crop: tuple[int, int], rng: rand
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Columnar shard batches -> augmented ``images (B, 3, h, w)``, ``masks (B, h, w)``."""
     tf = train_transforms(crop, cfg.scale_min, cfg.scale_max, cfg.hflip, cfg.ignore_index,
-                          getattr(cfg, "jitter", 0.0), getattr(cfg, "gamma", 0.0), getattr(cfg, "blur", 0.0))
+                          cfg.jitter, cfg.gamma, cfg.blur)
     for batch in batches:
         pairs = [tf(*to_tensors(img, mask), rng) for img, mask in decode_batch(batch)]
         yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -490,7 +490,8 @@ def cmd_train(args, rt) -> int:
 
     if args.task == "seg":       # the weighting and the selection split, before Ray starts
         manifest = read_manifest(args.data)
-        for split in job.eval_splits(Path(args.data), manifest, job.build_config(manifest, cfg, args.class_weights)):
+        # train and val were checked above; the other scored splits (e.g. holdout) here
+        for split in job.eval_splits(Path(args.data), manifest, job.build_config(manifest, cfg, args.class_weights))[1:]:
             check_split(args.data, split, need_labels=True)
     elif not args.latent:        # the model the data implies (e.g. a GAN's size), before Ray starts
         job.build_config(read_manifest(args.data), cfg, Path(args.data))

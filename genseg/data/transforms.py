@@ -116,7 +116,8 @@ class ColorJitter:
             if op == "brightness":
                 x = x * f
             elif op == "contrast":
-                x = (x - _grey(x).mean()) * f + _grey(x).mean()
+                mean = _grey(x).mean()
+                x = (x - mean) * f + mean
             else:
                 g = _grey(x)
                 x = (x - g) * f + g
