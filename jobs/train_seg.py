@@ -84,11 +84,17 @@ def train_loop(loop_config: dict) -> None:
 
 def build_config(manifest: dict, base: SegConfig, class_weights: str | None) -> SegConfig:
     """The config completed from the shards: class count, ignore index and the class weights that
-    ``class_weights`` names (none | median-freq | inv-sqrt | dataset, each optionally ``:CAP``)."""
+    ``class_weights`` names (none | median-freq | inv-sqrt | dataset, each optionally ``:CAP``).
+
+    A weighting given here replaces the base config's weights, ``none`` included (uniform: a Tune
+    trial of ``class_weights: none`` over a base run with ``--class-weights inv-sqrt``); ``None``
+    keeps them."""
     over = {"num_classes": manifest["num_classes"], "ignore_index": manifest["ignore_index"]}
     name, cap = parse_class_weights(class_weights)
     w = None
-    if name == "median-freq":
+    if name == "none":
+        over["class_weights"] = None
+    elif name == "median-freq":
         w = median_frequency_weights(manifest)
     elif name == "inv-sqrt":
         w = inverse_sqrt_weights(manifest)

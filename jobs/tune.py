@@ -56,7 +56,7 @@ SCHEDULE_FIELDS = ("schedule", "timesteps", "beta_start", "beta_end", "predictio
 SAMPLING_FIELDS = ("sampler", "steps", "guidance")
 SEG_FIELDS = ("lr", "loss", "class_weights", "crop", "weight_decay", "optimizer", "schedule", "warmup_epochs",
               "scale_min", "scale_max", "hflip", "jitter", "gamma", "blur", "batch_size", "arch", "backbone", "width",
-              "upsample")
+              "upsample", "seed")    # seed: repeats of one recipe measure the seed-to-seed spread
 SEARCHES = ("grid", "random", "tpe")
 
 

@@ -188,6 +188,11 @@ def test_inverse_sqrt_weights_are_the_square_root_balance_of_the_training_pixels
     assert max(capped.class_weights) == 2.0 and min(capped.class_weights) < 1
     assert build_config(m, SegConfig(), "1,2,3,4").class_weights == (1, 2, 3, 4)
     assert build_config(m, SegConfig(), "none").class_weights is None
+    # a weighting named per run (a Tune trial's) replaces the base's weights, uniform ones too
+    weighted = build_config(m, SegConfig(), "inv-sqrt")
+    assert build_config(m, weighted, "none").class_weights is None
+    assert build_config(m, weighted, "median-freq:2").class_weights == build_config(m, SegConfig(), "median-freq:2").class_weights
+    assert build_config(m, weighted, None).class_weights == weighted.class_weights
 
 
 @pytest.mark.parametrize("text, message", [("sqrt", "unknown weighting 'sqrt'"),
@@ -251,6 +256,25 @@ def test_flip_tta_is_the_mean_of_the_plain_and_the_flipped_back_logits():
                              mode="bilinear", align_corners=False)
     assert torch.allclose(engine.predict_logits(model, x, (12, 16), scales=(0.5, 1.0)), (half + model(x)) / 2)
 
+
+def test_tta_scales_are_relative_to_the_models_infer_scale():
+    """A model trained at half resolution (infer_scale 0.5) with scales (1, 2) and flip runs at 0.5x
+    and 1x the image, plain and mirrored: four logit maps, each resized to the label before the mean."""
+    torch.manual_seed(0)
+    model, x = _Asymmetric().eval(), torch.randn(1, 3, 12, 16)
+
+    def at(size, mirrored):
+        xi = x if size == (12, 16) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        out = model(xi.flip(-1)).flip(-1) if mirrored else model(xi)
+        return out if size == (12, 16) else F.interpolate(out, size=(12, 16), mode="bilinear", align_corners=False)
+
+    with torch.no_grad():
+        want = sum(at(size, m) for size in ((6, 8), (12, 16)) for m in (False, True)) / 4
+        plain_half = at((6, 8), False)
+    got = engine.predict_logits(model, x, (12, 16), infer_scale=0.5, flip=True, scales=(1.0, 2.0))
+    assert torch.allclose(got, want, atol=1e-6)
+    # without TTA the model runs at its infer_scale alone
+    assert torch.allclose(engine.predict_logits(model, x, (12, 16), infer_scale=0.5), plain_half, atol=1e-6)
 
 # ------------------------------------------------------------------ best checkpoint on a named split
 
