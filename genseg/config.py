@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -85,6 +86,12 @@ class SegConfig:
             raise ConfigError(
                 f"config field 'class_weights' has {len(self.class_weights)} values "
                 f"but num_classes is {self.num_classes}")
+        if self.class_weights is not None and not (all(math.isfinite(w) and w >= 0 for w in self.class_weights)
+                                                   and any(w > 0 for w in self.class_weights)):
+            raise ConfigError(f"config field 'class_weights' needs finite weights >= 0, not all 0; "
+                              f"got {list(self.class_weights)}")
+        if not (math.isfinite(self.infer_scale) and 0 < self.infer_scale <= 4):
+            raise ConfigError(f"config field 'infer_scale' must be a number in (0, 4], got {self.infer_scale}")
 
 
 @dataclass(frozen=True)
@@ -341,8 +348,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(name, inner[0], value)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.replace("x", ",").split(",") if v.strip()]
+        if isinstance(value, str):       # "64x64", "64,64" or "[64, 64]"
+            value = [v for v in value.strip().strip("[]()").replace("x", ",").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config field '{name}' needs a list, got {value!r}")
         elem = args[0]

@@ -40,6 +40,21 @@ def _scales(text: str) -> tuple[float, ...]:
                                          f"got {text!r}") from None
 
 
+def _scale(text: str) -> float:
+    """An argparse type: one scale, a finite number in (0, 4]."""
+    try:
+        v = float(text)
+        if not (math.isfinite(v) and 0 < v <= 4):
+            raise ValueError
+        return v
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scale must be a number in (0, 4], e.g. 0.5; got {text!r}") from None
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
 def _whole(minimum: int):
     """An argparse type: a whole number >= ``minimum``."""
     def parse(text: str) -> int:
@@ -226,14 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inpaint-num", type=_count0, default=8, help="gen: images for the inpainting PSNR/SSIM")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
-    p.add_argument("--infer-scale", type=float, help="run the model at this scale (default from its config)")
+    p.add_argument("--infer-scale", type=_scale, help="run the model at this scale (default from its config)")
     p.add_argument("--tta-flip", action="store_true",
                    help="seg: test-time augmentation, the mirrored image too (logits averaged before argmax)")
     p.add_argument("--tta-scales", type=_scales, metavar="S[,S]",
                    help="seg: test-time augmentation over these scales of the input, e.g. 0.75,1,1.25")
     p.add_argument("--pictures", metavar="PNG",
                    help="seg: write image | truth | prediction | error map for the first --pictures-num images")
-    p.add_argument("--pictures-num", type=_count, default=4)
+    p.add_argument("--pictures-num", type=_count, help="with --pictures: how many images (default 4)")
     p.add_argument("--limit", type=_count, help="evaluate only the first N images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the figures here")
@@ -298,20 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
                                            "optionally NAME:CAP)")
     p.add_argument("--workers", type=_count, default=1, help="Ray Train workers per training trial")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="sampling trials: CPUs (and torch threads)")
+    p.add_argument("--cpus-per-trial", type=float, help="sampling trials: CPUs (and torch threads); default 1")
     p.add_argument("--gpu", action="store_true", help="a GPU per training worker / sampling trial")
     p.add_argument("--grace-epochs", type=_count, default=1, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--reduction-factor", type=_whole(2), default=2, help="ASHA: keep 1/N of the trials per rung")
     p.add_argument("--model", help="sampling search alone: the diffusion model to tune "
                                    "(default models:/genseg-diffusion@champion)")
-    p.add_argument("--segmenter", default="models:/genseg-segmenter@champion",
-                   help="sampling search: the segmenter whose features and mIoU score the samples")
-    p.add_argument("--num", type=_count, default=64, help="sampling search: val label maps per trial")
-    p.add_argument("--split", default="val")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_count, default=16, help="sampling search: images per sampling batch")
-    p.add_argument("--min-fraction", type=float, default=0.9,
-                   help="sampling objective: samples' segmenter mIoU must reach this fraction of the real ceiling")
+    p.add_argument("--segmenter", help="sampling search: the segmenter whose features and mIoU score the samples "
+                                       "(default models:/genseg-segmenter@champion)")
+    p.add_argument("--num", type=_count, help="sampling search: val label maps per trial (default 64)")
+    p.add_argument("--split", help="sampling search: the split whose label maps and images score the samples "
+                                   "(default val; `tune seg` scores on --set select_on=SPLIT)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the search's seed (random/tpe proposals; sampling: label maps and noise); "
+                        "a training seed is --set seed=N")
+    p.add_argument("--batch-size", type=_count, help="sampling search: images per sampling batch (default 16)")
+    p.add_argument("--min-fraction", type=float,
+                   help="sampling objective: samples' segmenter mIoU must reach this fraction of the real ceiling "
+                        "(default 0.9)")
     p.add_argument("--promote", action="store_true",
                    help="make the winner the champion even if the champion was scored on other data")
     p.add_argument("--json", help="write the search summary (all trials, best config and metrics) here")
@@ -578,7 +597,7 @@ def cmd_eval(args, rt) -> int:
                                 ("--pictures", args.pictures)) if on]
     if args.task == "gen" and seg_only:
         raise UsageError(f"{', '.join(seg_only)} applies to `eval seg`, not `eval gen`")
-    if args.pictures_num != 4 and not args.pictures:
+    if args.pictures_num is not None and not args.pictures:
         raise UsageError("--pictures-num needs --pictures PNG (where to write them)")
     if args.pictures:
         eval_seg.check_picture_path(args.pictures)
@@ -603,7 +622,7 @@ def cmd_eval(args, rt) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         resolved, seg = _resolve(ref, rt, tmp, "segmenter", args.device)
         res = eval_seg.run(seg, args.data, args.split, args.infer_scale, args.limit, flip=args.tta_flip,
-                           scales=args.tta_scales, pictures=args.pictures, pictures_num=args.pictures_num)
+                           scales=args.tta_scales, pictures=args.pictures, pictures_num=_given(args.pictures_num, 4))
     res["model"] = resolved.to_dict()
     res["model_ref"] = resolved.describe()
     print(f"{resolved.describe()} on {args.data} [{args.split}], {res['images']} images at their own resolution")
@@ -684,6 +703,17 @@ def tune_options(args):
         raise UsageError("--stage applies to `tune diffusion` only (its stages: schedule, sampling)")
     if args.task == "diffusion" and args.class_weights:
         raise UsageError("--class-weights applies to `tune seg` only")
+    if args.task == "seg":            # the sampling search's flags would be silently ignored
+        hints = {"--split": "score on another split with --set select_on=SPLIT",
+                 "--batch-size": "the training batch is --set batch_size=N"}
+        given = [f for f, v in (("--split", args.split), ("--batch-size", args.batch_size), ("--num", args.num),
+                                ("--min-fraction", args.min_fraction), ("--model", args.model),
+                                ("--segmenter", args.segmenter), ("--cpus-per-trial", args.cpus_per_trial))
+                 if v is not None]
+        if given:
+            hint = "; ".join(hints[f] for f in given if f in hints)
+            raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the sampling search of `tune diffusion`, not `tune seg`"
+                             + (f" ({hint})" if hint else ""))
     stages = ("seg",) if args.task == "seg" else (("schedule", "sampling") if args.stage == "all" else (args.stage,))
     spaces = tune.spaces_for(args.task, load_space_file(args.space) if args.space else None)
     cls = SegConfig if args.task == "seg" else DiffusionConfig
@@ -721,10 +751,11 @@ def tune_options(args):
     return tune.TuneOptions(
         data=args.data, name=args.name or "", stages=stages, spaces={s: spaces[s] for s in stages}, base=base,
         search=args.search, samples=args.samples, max_concurrent=args.max_concurrent, workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker, cpus_per_trial=args.cpus_per_trial, gpu=args.gpu,
-        grace_epochs=args.grace_epochs, reduction_factor=args.reduction_factor, num=args.num, split=args.split,
-        seed=args.seed, batch_size=args.batch_size, model=args.model, segmenter=args.segmenter,
-        class_weights=args.class_weights, objective=Objective(min_fraction=args.min_fraction), promote=args.promote)
+        cpus_per_worker=args.cpus_per_worker, cpus_per_trial=_given(args.cpus_per_trial, 1.0), gpu=args.gpu,
+        grace_epochs=args.grace_epochs, reduction_factor=args.reduction_factor, num=_given(args.num, 64),
+        split=_given(args.split, "val"), seed=args.seed, batch_size=_given(args.batch_size, 16), model=args.model,
+        segmenter=_given(args.segmenter, "models:/genseg-segmenter@champion"), class_weights=args.class_weights,
+        objective=Objective(min_fraction=_given(args.min_fraction, 0.9)), promote=args.promote)
 
 
 def cmd_tune(args, rt) -> int:
@@ -734,7 +765,7 @@ def cmd_tune(args, rt) -> int:
     from jobs.runtime import hold_run, init_ray, interruptible, prepare_tracking
     from pipelines.shards import check_split
 
-    for split in ("train", "val") if args.stage != "sampling" else (args.split,):
+    for split in ("train", "val") if args.stage != "sampling" else (_given(args.split, "val"),):
         check_split(args.data, split, need_labels=True)
     opts = tune_options(args)
     with hold_run(rt.workdir, args.name, f"tune-{args.task}") as name:

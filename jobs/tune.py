@@ -110,14 +110,16 @@ def check_training_space(space: SearchSpace, base: Any, stage: str) -> None:
     def build(over: dict):
         over = dict(over)
         cw = over.pop("class_weights", None)
-        if cw is not None and not isinstance(cw, (list, tuple)):
+        if cw is not None:
             from jobs.train_seg import WEIGHTINGS, parse_class_weights
 
             try:
-                parse_class_weights(cw)
+                name, _ = parse_class_weights(cw)
             except config_lib.ConfigError:
                 raise config_lib.ConfigError(f"class_weights must be one of {', '.join(WEIGHTINGS)} (optionally "
                                              f"NAME:CAP, e.g. median-freq:5) or a list of weights; got {cw!r}") from None
+            if name not in WEIGHTINGS:    # a list of weights (or "1,2,3"): one per class, as the config checks
+                over["class_weights"] = cw
         return config_lib.replace(base, over)
 
     space.check(allowed, build, stage)

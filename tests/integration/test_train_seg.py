@@ -202,7 +202,18 @@ def test_holdout_split_select_on_it_and_evaluate_it(ray_cluster, tmp_path, capsy
              "--holdout applies to --source camvid and --source folder"),
             (["eval", "gen", "--data", data, "--tta-flip"], "--tta-flip applies to `eval seg`, not `eval gen`"),
             (["eval", "seg", "--data", data, "--split", "holdout", "--pictures", str(tmp_path / "x" / "p.jpg")],
-             "give a path ending in .png")):
+             "give a path ending in .png"),
+            (["eval", "seg", "--data", data, "--split", "holdout", "--pictures-num", "4"],
+             "--pictures-num needs --pictures PNG"),
+            # tune seg: the sampling search's flags are refused, not ignored (it would select on val)
+            (["tune", "seg", "--data", data, "--split", "holdout"],
+             "--split applies to the sampling search of `tune diffusion`, not `tune seg` (score on another split "
+             "with --set select_on=SPLIT)"),
+            (["train", "seg", "--data", data, "--class-weights", "1,1,1,1,1,1,nan", *TINY],
+             "config field 'class_weights' needs finite weights >= 0, not all 0"),
+            (["tune", "seg", "--data", data, "--space", str(tmp_path / "bad_space.yaml")],
+             "class_weights' has 2 values but num_classes is 7")):
+        (tmp_path / "bad_space.yaml").write_text(yaml.safe_dump({"seg": {"class_weights": [[1.0, 2.0], "inv-sqrt"]}}))
         if "plain-shards" in args[3] and not (tmp_path / "plain-shards").exists():
             assert main(["prepare", "--source", "synthetic", "--num", "12", "--size", "32x48", "--out",
                          str(tmp_path / "plain-shards"), "--workdir", wd]) == 0
@@ -211,3 +222,8 @@ def test_holdout_split_select_on_it_and_evaluate_it(ray_cluster, tmp_path, capsy
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as exit_:        # argparse's check: one line too
+        main(["eval", "seg", "--data", data, "--split", "holdout", "--infer-scale", "nan", "--workdir", wd])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--infer-scale: scale must be a number in (0, 4]" in err
+    assert len(err.strip().splitlines()) == 1, err

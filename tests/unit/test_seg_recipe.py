@@ -325,3 +325,17 @@ def test_error_map_marks_wrong_pixels_red_and_ignored_black():
     assert tuple(e[2, 2]) == (90, 90, 90)                      # right: the image, dimmed grey
     row = quad(image, mask, pred, [[0, 0, 0], [255, 255, 255]])
     assert row.shape == (4, 4 * 6 + 3 * 2, 3) and np.array_equal(row[:, -6:], e)
+
+
+def test_class_weights_and_infer_scale_are_checked_and_sizes_read_as_lists():
+    from genseg import config as config_lib
+
+    for bad in ((1.0, float("nan"), 1.0), (1.0, float("inf"), 1.0), (-1.0, 1.0, 1.0), (0.0, 0.0, 0.0)):
+        with pytest.raises(config_lib.ConfigError, match="needs finite weights >= 0, not all 0"):
+            SegConfig(num_classes=3, class_weights=bad)
+    assert SegConfig(num_classes=3, class_weights=(0.0, 1.0, 2.0)).class_weights == (0.0, 1.0, 2.0)   # one off is fine
+    for bad in (0.0, -1.0, float("nan"), 5.0):
+        with pytest.raises(config_lib.ConfigError, match="'infer_scale' must be a number in"):
+            SegConfig(infer_scale=bad)
+    for text in ("[176, 240]", "176x240", "176,240", "(176,240)"):
+        assert config_lib.replace(SegConfig(), {"crop": text}).crop == (176, 240)
