@@ -3,7 +3,7 @@
 # sequence as the objective (bench/configs/camvid_screen_cpu.yaml: compact FCN-8s at half
 # resolution, 20 epochs, two one-thread trials at a time), then the winner's test-time augmentation.
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 65 minutes on 2 cores.  Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
+# About 90 minutes on 2 cores.  Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
 WD=${2:-bench/runs/camvid-holdout}
@@ -27,3 +27,9 @@ for tta in plain flip scales flip_scales; do
   $G eval seg --model $M --data "$SHARDS" --split holdout --workdir "$WD" "${extra[@]}" \
       --json "bench/results/tta_holdout_$tta.json"
 done
+# photometric augmentation on top (jitter, gamma, blur) at three seeds (after the TTA runs, which
+# score the champion of the first three searches), against the base's three seeds above
+$G tune seg --data "$SHARDS" --config bench/configs/camvid_screen_cpu.yaml --class-weights inv-sqrt \
+    --set jitter=0.3 --set gamma=0.3 --set blur=0.2 --space bench/configs/tune_seg_holdout_seeds.yaml \
+    --max-concurrent 2 --grace-epochs 20 --name screen-photometric --workdir "$WD" \
+    --json bench/results/tune_holdout_photometric.json
