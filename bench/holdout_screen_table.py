@@ -22,7 +22,9 @@ def main() -> None:
     args = ap.parse_args()
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{Path(args.workdir).resolve()}/mlflow.db")
+    from genseg.tracking import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(Path(args.workdir).resolve()))
     rows = []
     print("| search | trial | holdout, last | holdout, mean of last 3 | holdout, best (epoch) | val, last |")
     print("|---|---|---|---|---|---|")

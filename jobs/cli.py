@@ -28,13 +28,18 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must be HxW with both >= 8, e.g. 360x480; got {text!r}") from None
 
 
+def _scale_value(text: str) -> float:
+    """A finite number in (0, 4], or ValueError."""
+    v = float(text)
+    if not (math.isfinite(v) and 0 < v <= 4):
+        raise ValueError(text)
+    return v
+
+
 def _scales(text: str) -> tuple[float, ...]:
     """An argparse type: comma-separated scales, each a finite number in (0, 4]."""
     try:
-        vals = tuple(float(v) for v in text.split(","))
-        if not vals or not all(math.isfinite(v) and 0 < v <= 4 for v in vals):
-            raise ValueError
-        return vals
+        return tuple(_scale_value(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers in (0, 4], e.g. 0.75,1,1.25; "
                                          f"got {text!r}") from None
@@ -43,16 +48,13 @@ def _scales(text: str) -> tuple[float, ...]:
 def _scale(text: str) -> float:
     """An argparse type: one scale, a finite number in (0, 4]."""
     try:
-        v = float(text)
-        if not (math.isfinite(v) and 0 < v <= 4):
-            raise ValueError
-        return v
+        return _scale_value(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"scale must be a number in (0, 4], e.g. 0.5; got {text!r}") from None
 
 
-def _given(value, default):
-    return default if value is None else value
+# `tune` flags of the sampling search alone (TuneOptions fields, min_fraction the Objective's)
+SAMPLING_FLAGS = ("split", "batch_size", "num", "min_fraction", "model", "segmenter", "cpus_per_trial")
 
 
 def _whole(minimum: int):
@@ -622,7 +624,7 @@ def cmd_eval(args, rt) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         resolved, seg = _resolve(ref, rt, tmp, "segmenter", args.device)
         res = eval_seg.run(seg, args.data, args.split, args.infer_scale, args.limit, flip=args.tta_flip,
-                           scales=args.tta_scales, pictures=args.pictures, pictures_num=_given(args.pictures_num, 4))
+                           scales=args.tta_scales, pictures=args.pictures, pictures_num=args.pictures_num or 4)
     res["model"] = resolved.to_dict()
     res["model_ref"] = resolved.describe()
     print(f"{resolved.describe()} on {args.data} [{args.split}], {res['images']} images at their own resolution")
@@ -703,17 +705,15 @@ def tune_options(args):
         raise UsageError("--stage applies to `tune diffusion` only (its stages: schedule, sampling)")
     if args.task == "diffusion" and args.class_weights:
         raise UsageError("--class-weights applies to `tune seg` only")
-    if args.task == "seg":            # the sampling search's flags would be silently ignored
+    # the sampling search's flags: left unset, the search's own defaults (TuneOptions, Objective) apply
+    sampling = {f: getattr(args, f) for f in SAMPLING_FLAGS if getattr(args, f) is not None}
+    if args.task == "seg" and sampling:       # they would be silently ignored
         hints = {"--split": "score on another split with --set select_on=SPLIT",
                  "--batch-size": "the training batch is --set batch_size=N"}
-        given = [f for f, v in (("--split", args.split), ("--batch-size", args.batch_size), ("--num", args.num),
-                                ("--min-fraction", args.min_fraction), ("--model", args.model),
-                                ("--segmenter", args.segmenter), ("--cpus-per-trial", args.cpus_per_trial))
-                 if v is not None]
-        if given:
-            hint = "; ".join(hints[f] for f in given if f in hints)
-            raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the sampling search of `tune diffusion`, not `tune seg`"
-                             + (f" ({hint})" if hint else ""))
+        given = ["--" + f.replace("_", "-") for f in sampling]
+        hint = "; ".join(hints[f] for f in given if f in hints)
+        raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the sampling search "
+                         f"of `tune diffusion`, not `tune seg`" + (f" ({hint})" if hint else ""))
     stages = ("seg",) if args.task == "seg" else (("schedule", "sampling") if args.stage == "all" else (args.stage,))
     spaces = tune.spaces_for(args.task, load_space_file(args.space) if args.space else None)
     cls = SegConfig if args.task == "seg" else DiffusionConfig
@@ -748,14 +748,13 @@ def tune_options(args):
     if args.search == "grid":        # a range in a grid is refused before any trial starts
         for stage in stages:
             spaces[stage].check_grid()
+    objective = Objective(**{k: sampling.pop(k) for k in ("min_fraction",) if k in sampling})
     return tune.TuneOptions(
         data=args.data, name=args.name or "", stages=stages, spaces={s: spaces[s] for s in stages}, base=base,
         search=args.search, samples=args.samples, max_concurrent=args.max_concurrent, workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker, cpus_per_trial=_given(args.cpus_per_trial, 1.0), gpu=args.gpu,
-        grace_epochs=args.grace_epochs, reduction_factor=args.reduction_factor, num=_given(args.num, 64),
-        split=_given(args.split, "val"), seed=args.seed, batch_size=_given(args.batch_size, 16), model=args.model,
-        segmenter=_given(args.segmenter, "models:/genseg-segmenter@champion"), class_weights=args.class_weights,
-        objective=Objective(min_fraction=_given(args.min_fraction, 0.9)), promote=args.promote)
+        cpus_per_worker=args.cpus_per_worker, gpu=args.gpu, grace_epochs=args.grace_epochs,
+        reduction_factor=args.reduction_factor, seed=args.seed, class_weights=args.class_weights,
+        objective=objective, promote=args.promote, **sampling)
 
 
 def cmd_tune(args, rt) -> int:
@@ -765,7 +764,7 @@ def cmd_tune(args, rt) -> int:
     from jobs.runtime import hold_run, init_ray, interruptible, prepare_tracking
     from pipelines.shards import check_split
 
-    for split in ("train", "val") if args.stage != "sampling" else (_given(args.split, "val"),):
+    for split in ("train", "val") if args.stage != "sampling" else (args.split or tune.TuneOptions.split,):
         check_split(args.data, split, need_labels=True)
     opts = tune_options(args)
     with hold_run(rt.workdir, args.name, f"tune-{args.task}") as name:

@@ -187,6 +187,7 @@ def test_holdout_split_select_on_it_and_evaluate_it(ray_cluster, tmp_path, capsy
     v = client.get_model_version("genseg-segmenter", str(res["registered"]["version"]))
     assert v.tags["genseg.scored_on"] == "holdout" and v.tags["genseg.score_name"] == "holdout_miou"
 
+    (tmp_path / "bad_space.yaml").write_text(yaml.safe_dump({"seg": {"class_weights": [[1.0, 2.0], "inv-sqrt"]}}))
     # bad input, one line each: a sequence that is not there, a holdout that takes everything, a split
     # to select on that the shards lack
     for args, message in (
@@ -213,7 +214,6 @@ def test_holdout_split_select_on_it_and_evaluate_it(ray_cluster, tmp_path, capsy
              "config field 'class_weights' needs finite weights >= 0, not all 0"),
             (["tune", "seg", "--data", data, "--space", str(tmp_path / "bad_space.yaml")],
              "class_weights' has 2 values but num_classes is 7")):
-        (tmp_path / "bad_space.yaml").write_text(yaml.safe_dump({"seg": {"class_weights": [[1.0, 2.0], "inv-sqrt"]}}))
         if "plain-shards" in args[3] and not (tmp_path / "plain-shards").exists():
             assert main(["prepare", "--source", "synthetic", "--num", "12", "--size", "32x48", "--out",
                          str(tmp_path / "plain-shards"), "--workdir", wd]) == 0
