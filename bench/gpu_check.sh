@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_check.sh                                 # on a machine with a CUDA GPU (~5 min)
 #   GENSEG_GPU_CHECK_DEVICE=cpu bash bench/gpu_check.sh     # the same script on the CPU (a dry run)
+#   GENSEG_PYTHON=python3 bash bench/gpu_check.sh           # with another interpreter than .venv's
 #
 # In a temporary workdir it prepares small synthetic shards, then:
 #   * trains segmentation with --gpu and AMP bf16 (1 worker), resumes it one epoch with fp16
@@ -15,17 +16,20 @@
 #   * evaluates the segmenter on the device (genseg eval seg --device);
 # and prints training img/s and DDIM s/image for the device next to the CPU.
 # Env: GENSEG_GPU_CHECK_NUM (synthetic scenes, default 256), GENSEG_GPU_CHECK_SIZE (HxW, default
-# 64x64), GENSEG_GPU_CHECK_KEEP=1 keeps the workdir.  On failure the workdir and logs are kept.
+# 64x64), GENSEG_GPU_CHECK_KEEP=1 keeps the workdir, GENSEG_GPU_CHECK_SKIP leaves parts out (a
+# comma-separated list of seg, diffusion, gan and cpu, e.g. "seg,cpu" to rerun the rest on the device).  On failure the workdir and logs are kept.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="$ROOT/.venv/bin/python"
+PY="${GENSEG_PYTHON:-$ROOT/.venv/bin/python}"
 DEVICE="${GENSEG_GPU_CHECK_DEVICE:-cuda}"
 NUM="${GENSEG_GPU_CHECK_NUM:-256}"
 SIZE="${GENSEG_GPU_CHECK_SIZE:-64x64}"
+SKIP=",${GENSEG_GPU_CHECK_SKIP:-},"
+want() { [[ "$SKIP" != *",$1,"* ]]; }   # want PART: PART is not in GENSEG_GPU_CHECK_SKIP
 
-if [[ ! -x "$PY" ]]; then
-    echo "gpu_check: no $PY; run 'make install' first" >&2
+if ! command -v "$PY" >/dev/null; then
+    echo "gpu_check: no $PY; run 'make install' first (or name an interpreter in GENSEG_PYTHON)" >&2
     exit 1
 fi
 case "$DEVICE" in
@@ -78,62 +82,66 @@ echo "genseg GPU check: device=$DEVICE, $NUM synthetic scenes at $SIZE, workdir 
 genseg prepare prepare --source synthetic --num "$NUM" --size "$SIZE" --out "$DATA"
 
 SEG=(train seg --data "$DATA" --workers 1 --batch-size 16 --set image_every=100)
-genseg "seg $DEVICE bf16" "${SEG[@]}" "${GPU[@]}" --epochs 2 --set amp=bf16 --run-name seg-dev \
-    --json "$WORK/seg-dev.json"
-genseg "seg $DEVICE fp16, resumed" "${SEG[@]}" "${GPU[@]}" --epochs 3 --set amp=fp16 --run-name seg-dev \
-    --json "$WORK/seg-dev-resumed.json"
-genseg "seg cpu" "${SEG[@]}" --epochs 1 --run-name seg-cpu --json "$WORK/seg-cpu.json"
-
 DIF=(train diffusion --data "$DATA" --workers 1 --batch-size 16 --set sample_every=1 --set sample_steps=10)
-genseg "diffusion $DEVICE fp16" "${DIF[@]}" "${GPU[@]}" --epochs 2 --set amp=fp16 --run-name dif-dev \
-    --json "$WORK/dif-dev.json"
-genseg "diffusion $DEVICE bf16, resumed" "${DIF[@]}" "${GPU[@]}" --epochs 3 --set amp=bf16 --run-name dif-dev \
-    --json "$WORK/dif-dev-resumed.json"
-genseg "diffusion cpu" "${DIF[@]}" --epochs 1 --run-name dif-cpu --json "$WORK/dif-cpu.json"
-
 GAN=(train gan --data "$DATA" --workers 1 --batch-size 16 --loss wgan-gp --set d_steps=2 --set sample_every=1)
-genseg "gan $DEVICE bf16 wgan-gp" "${GAN[@]}" "${GPU[@]}" --epochs 2 --set amp=bf16 --run-name gan-dev \
-    --json "$WORK/gan-dev.json"
-genseg "gan $DEVICE fp32, resumed" "${GAN[@]}" "${GPU[@]}" --epochs 3 --set amp=none --run-name gan-dev \
-    --json "$WORK/gan-dev-resumed.json"
-genseg "gan cpu" "${GAN[@]}" --epochs 1 --run-name gan-cpu --json "$WORK/gan-cpu.json"
-
-for f in seg-dev seg-dev-resumed dif-dev dif-dev-resumed gan-dev gan-dev-resumed; do
-    [[ "$(json "$WORK/$f.json" 'd["final_epoch"]')" == "$([[ $f == *resumed ]] && echo 2 || echo 1)" ]] \
-        || { echo "gpu_check: $f.json: unexpected final_epoch" >&2; exit 1; }
-done
-[[ "$(json "$WORK/seg-dev-resumed.json" 'd["resumed"]')" == True ]] || { echo "gpu_check: seg did not resume" >&2; exit 1; }
-[[ "$(json "$WORK/dif-dev-resumed.json" 'd["resumed"]')" == True ]] || { echo "gpu_check: diffusion did not resume" >&2; exit 1; }
-[[ "$(json "$WORK/gan-dev-resumed.json" 'd["resumed"]')" == True ]] || { echo "gpu_check: gan did not resume" >&2; exit 1; }
-
-DIF_CKPT="$(json "$WORK/dif-dev-resumed.json" 'd["best_checkpoint"]')"
-SEG_CKPT="$(json "$WORK/seg-dev-resumed.json" 'd["best_checkpoint"]')"
-SAMPLE=(sample --model "$DIF_CKPT" --num 16 --batch-size 8 --masks "$DATA" --sampler ddim --steps 20)
-SAMPLE_JSON=()
-if "$PY" -m jobs.cli sample --help 2>/dev/null | grep -q -- '--json'; then SAMPLE_JSON=(--json); fi
-sample_json() {   # samples.json in --out, or the --json file where the CLI has one
-    if [[ ${#SAMPLE_JSON[@]} -gt 0 ]]; then echo "$WORK/$1.json"; else echo "$WORK/$1/samples.json"; fi
+check_resumed() {   # check_resumed NAME: NAME-dev ran 2 epochs, NAME-dev-resumed resumed it for a third
+    [[ "$(json "$WORK/$1-dev.json" 'd["final_epoch"]')" == 1 ]] || { echo "gpu_check: $1-dev.json: unexpected final_epoch" >&2; exit 1; }
+    [[ "$(json "$WORK/$1-dev-resumed.json" 'd["final_epoch"]')" == 2 ]] || { echo "gpu_check: $1-dev-resumed.json: unexpected final_epoch" >&2; exit 1; }
+    [[ "$(json "$WORK/$1-dev-resumed.json" 'd["resumed"]')" == True ]] || { echo "gpu_check: $1 did not resume" >&2; exit 1; }
 }
-genseg "sample ddim x20 $DEVICE" "${SAMPLE[@]}" --device "$DEVICE" --out "$WORK/samples-dev" \
-    ${SAMPLE_JSON[@]:+"${SAMPLE_JSON[@]}" "$WORK/samples-dev.json"}
-genseg "sample ddim x20 cpu" "${SAMPLE[@]}" --device cpu --out "$WORK/samples-cpu" \
-    ${SAMPLE_JSON[@]:+"${SAMPLE_JSON[@]}" "$WORK/samples-cpu.json"}
-GAN_CKPT="$(json "$WORK/gan-dev-resumed.json" 'd["best_checkpoint"]')"
-genseg "sample gan $DEVICE" sample --model "$GAN_CKPT" --num 16 --masks "$DATA" --device "$DEVICE" --out "$WORK/gan-samples"
-genseg "eval seg $DEVICE" eval seg --model "$SEG_CKPT" --data "$DATA" --device "$DEVICE" --json "$WORK/eval-dev.json"
+if want seg; then
+    genseg "seg $DEVICE bf16" "${SEG[@]}" "${GPU[@]}" --epochs 2 --set amp=bf16 --run-name seg-dev \
+        --json "$WORK/seg-dev.json"
+    genseg "seg $DEVICE fp16, resumed" "${SEG[@]}" "${GPU[@]}" --epochs 3 --set amp=fp16 --run-name seg-dev \
+        --json "$WORK/seg-dev-resumed.json"
+    want cpu && genseg "seg cpu" "${SEG[@]}" --epochs 1 --run-name seg-cpu --json "$WORK/seg-cpu.json"
+    check_resumed seg
+    SEG_CKPT="$(json "$WORK/seg-dev-resumed.json" 'd["best_checkpoint"]')"
+    genseg "eval seg $DEVICE" eval seg --model "$SEG_CKPT" --data "$DATA" --device "$DEVICE" --json "$WORK/eval-dev.json"
+fi
+if want diffusion; then
+    genseg "diffusion $DEVICE fp16" "${DIF[@]}" "${GPU[@]}" --epochs 2 --set amp=fp16 --run-name dif-dev \
+        --json "$WORK/dif-dev.json"
+    genseg "diffusion $DEVICE bf16, resumed" "${DIF[@]}" "${GPU[@]}" --epochs 3 --set amp=bf16 --run-name dif-dev \
+        --json "$WORK/dif-dev-resumed.json"
+    want cpu && genseg "diffusion cpu" "${DIF[@]}" --epochs 1 --run-name dif-cpu --json "$WORK/dif-cpu.json"
+    check_resumed dif
+    DIF_CKPT="$(json "$WORK/dif-dev-resumed.json" 'd["best_checkpoint"]')"
+    SAMPLE=(sample --model "$DIF_CKPT" --num 16 --batch-size 8 --masks "$DATA" --sampler ddim --steps 20)
+    genseg "sample ddim x20 $DEVICE" "${SAMPLE[@]}" --device "$DEVICE" --out "$WORK/samples-dev"
+    want cpu && genseg "sample ddim x20 cpu" "${SAMPLE[@]}" --device cpu --out "$WORK/samples-cpu"
+fi
+if want gan; then
+    genseg "gan $DEVICE bf16 wgan-gp" "${GAN[@]}" "${GPU[@]}" --epochs 2 --set amp=bf16 --run-name gan-dev \
+        --json "$WORK/gan-dev.json"
+    genseg "gan $DEVICE fp32, resumed" "${GAN[@]}" "${GPU[@]}" --epochs 3 --set amp=none --run-name gan-dev \
+        --json "$WORK/gan-dev-resumed.json"
+    want cpu && genseg "gan cpu" "${GAN[@]}" --epochs 1 --run-name gan-cpu --json "$WORK/gan-cpu.json"
+    check_resumed gan
+    GAN_CKPT="$(json "$WORK/gan-dev-resumed.json" 'd["best_checkpoint"]')"
+    genseg "sample gan $DEVICE" sample --model "$GAN_CKPT" --num 16 --masks "$DATA" --device "$DEVICE" --out "$WORK/gan-samples"
+fi
 
-"$PY" - "$WORK" "$DEVICE" "$(sample_json samples-dev)" "$(sample_json samples-cpu)" <<'EOF'
+"$PY" - "$WORK" "$DEVICE" <<'EOF'
 import json, sys
 from pathlib import Path
 
-work, device, sample_dev, sample_cpu = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-load = lambda p: json.loads(Path(p).read_text())
-speed = lambda name: load(work / f"{name}.json")["final_metrics"]["samples_per_s"]
+work, device = Path(sys.argv[1]), sys.argv[2]
 
 
-def per_image(p):
-    d = load(p)
-    return d["seconds_per_image"] if "seconds_per_image" in d else d["seconds"] / d["num"]
+def load(name):
+    p = work / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def speed(name):
+    d = load(name)
+    return None if d is None else d["final_metrics"]["samples_per_s"]
+
+
+def per_image(name):   # `genseg sample --out DIR` writes DIR/samples.json
+    d = load(f"{name}/samples")
+    return None if d is None else d["seconds_per_image"]
 
 
 rows = [
@@ -143,20 +151,24 @@ rows = [
     ("diffusion train img/s, bf16 (resumed)", speed("dif-dev-resumed"), speed("dif-cpu"), True),
     ("gan train img/s, bf16, wgan-gp", speed("gan-dev"), speed("gan-cpu"), True),
     ("gan train img/s, fp32 (resumed)", speed("gan-dev-resumed"), speed("gan-cpu"), True),
-    ("DDIM x20 s/image", per_image(sample_dev), per_image(sample_cpu), False),
+    ("DDIM x20 s/image", per_image("samples-dev"), per_image("samples-cpu"), False),
 ]
-ev = load(work / "eval-dev.json")
 name = device
 if device == "cuda":
     import torch
 
     name = f"cuda ({torch.cuda.get_device_name(0)})"
+num = lambda v: f"{v:>12.3f}" if v is not None else f"{'-':>12}"
 print()
 print(f"{'':40}{device:>12}{'cpu':>12}{'speed-up':>10}")
 for label, dev, cpu, higher in rows:
-    up = (dev / cpu) if higher else (cpu / dev)
-    print(f"{label:40}{dev:>12.3f}{cpu:>12.3f}{up:>9.1f}x")
-print(f"eval seg on {device}: {ev['images']} images, mIoU {100 * ev['miou']:.2f}, {ev['seconds']:.2f} s")
+    if dev is None:
+        continue
+    up = f"{(dev / cpu) if higher else (cpu / dev):>9.1f}x" if cpu else f"{'-':>10}"
+    print(f"{label:40}{num(dev)}{num(cpu)}{up}")
+ev = load("eval-dev")
+if ev is not None:
+    print(f"eval seg on {device}: {ev['images']} images, mIoU {100 * ev['miou']:.2f}, {ev['seconds']:.2f} s")
 print(f"device: {name}; the cpu column is a 1-worker CPU run (AMP is CUDA-only)")
 print("training img/s is the last epoch of each run; s/image includes the first batch's warm-up")
 EOF
