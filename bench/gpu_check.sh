@@ -160,12 +160,12 @@ if device == "cuda":
     name = f"cuda ({torch.cuda.get_device_name(0)})"
 num = lambda v: f"{v:>12.3f}" if v is not None else f"{'-':>12}"
 print()
-print(f"{'':40}{device:>12}{'cpu':>12}{'speed-up':>10}")
+print(f"{'':46}{device:>12}{'cpu':>12}{'speed-up':>10}")
 for label, dev, cpu, higher in rows:
     if dev is None:
         continue
     up = f"{(dev / cpu) if higher else (cpu / dev):>9.1f}x" if cpu else f"{'-':>10}"
-    print(f"{label:40}{num(dev)}{num(cpu)}{up}")
+    print(f"{label:46}{num(dev)}{num(cpu)}{up}")
 ev = load("eval-dev")
 if ev is not None:
     print(f"eval seg on {device}: {ev['images']} images, mIoU {100 * ev['miou']:.2f}, {ev['seconds']:.2f} s")
