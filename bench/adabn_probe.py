@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from genseg import engine
 from genseg.loading import load
@@ -30,13 +29,8 @@ def adapt_batchnorm(model: torch.nn.Module, images, infer_scale: float) -> int:
     for m in norms:
         m.train()
     n = 0
-    for image in images:
-        x = image[None]
-        if infer_scale != 1.0:
-            h, w = x.shape[-2:]
-            x = F.interpolate(x, size=(round(h * infer_scale), round(w * infer_scale)), mode="bilinear",
-                              align_corners=False)
-        model(x)
+    for image in images:      # the forward pass of evaluation, at infer_scale, with the norms in train mode
+        engine.predict_logits(model, image[None], tuple(image.shape[-2:]), infer_scale)
         n += 1
     model.eval()
     return n

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Issue 14's recipe screen on 2 CPU cores: three `genseg tune seg` grids on CamVid with the holdout
+# Issue 14's recipe screen on 2 CPU cores: `genseg tune seg` grids on CamVid with the holdout
 # sequence as the objective (bench/configs/camvid_screen_cpu.yaml: compact FCN-8s at half
-# resolution, 20 epochs, two one-thread trials at a time), then the winner's test-time augmentation.
+# resolution, 20 epochs, two one-thread trials at a time), the winner's test-time augmentation, and
+# photometric augmentation against the base recipe at six paired seeds.
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 90 minutes on 2 cores.  Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
+# About 140 minutes on 2 cores (the photometric searches at the end, 67 of them).
+# Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
 WD=${2:-bench/runs/camvid-holdout}
@@ -12,12 +14,15 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 SHARDS=$WD/shards
 [ -f "$SHARDS/manifest.json" ] || $G prepare --source camvid --root "$ROOT" --splits train,val --out "$SHARDS" \
     --workdir "$WD" --holdout 0006R0
-for space in weights_loss:tune_seg_holdout schedule_seed:tune_seg_holdout_schedule sgd:tune_seg_holdout_sgd; do
-  tag=${space%%:*}; file=${space#*:}
+search() {   # search NAME SPACE [--set ...]: one grid over bench/configs/SPACE.yaml on the screen's base recipe
+  local name=$1 space=$2; shift 2
   $G tune seg --data "$SHARDS" --config bench/configs/camvid_screen_cpu.yaml --class-weights inv-sqrt \
-      --space "bench/configs/$file.yaml" --max-concurrent 2 --grace-epochs 20 --name "screen-$tag" \
-      --workdir "$WD" --json "bench/results/tune_holdout_$tag.json"
-done
+      --space "bench/configs/$space.yaml" --max-concurrent 2 --grace-epochs 20 --name "screen-$name" \
+      --workdir "$WD" --json "bench/results/tune_holdout_$name.json" "$@"
+}
+search weights_loss tune_seg_holdout
+search schedule_seed tune_seg_holdout_schedule
+search sgd tune_seg_holdout_sgd
 # test-time augmentation on the champion (the best trial of the searches): plain, flip, scales, both
 M=models:/genseg-segmenter@champion
 for tta in plain flip scales flip_scales; do
@@ -27,9 +32,10 @@ for tta in plain flip scales flip_scales; do
   $G eval seg --model $M --data "$SHARDS" --split holdout --workdir "$WD" "${extra[@]}" \
       --json "bench/results/tta_holdout_$tta.json"
 done
-# photometric augmentation on top (jitter, gamma, blur) at three seeds (after the TTA runs, which
-# score the champion of the first three searches), against the base's three seeds above
-$G tune seg --data "$SHARDS" --config bench/configs/camvid_screen_cpu.yaml --class-weights inv-sqrt \
-    --set jitter=0.3 --set gamma=0.3 --set blur=0.2 --space bench/configs/tune_seg_holdout_seeds.yaml \
-    --max-concurrent 2 --grace-epochs 20 --name screen-photometric --workdir "$WD" \
-    --json bench/results/tune_holdout_photometric.json
+# photometric augmentation (jitter, gamma, blur) against the base recipe, paired by seed: the base's
+# seeds 0-2 are trials of the first two searches; then a stronger setting at seeds 0-2
+PHOTO=(--set jitter=0.3 --set gamma=0.3 --set blur=0.2)
+search photometric tune_seg_holdout_seeds "${PHOTO[@]}"
+search base_seeds345 tune_seg_holdout_seeds345
+search photometric_seeds345 tune_seg_holdout_seeds345 "${PHOTO[@]}"
+search photometric_strong tune_seg_holdout_seeds --set jitter=0.5 --set gamma=0.5 --set blur=0.4

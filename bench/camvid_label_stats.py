@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-NAMES = ["sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "pedestrian", "bicyclist"]
+from genseg.data.classes import CAMVID
+
+NAMES = CAMVID.names
 
 
 def main() -> None:

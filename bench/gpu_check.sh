@@ -84,40 +84,34 @@ genseg prepare prepare --source synthetic --num "$NUM" --size "$SIZE" --out "$DA
 SEG=(train seg --data "$DATA" --workers 1 --batch-size 16 --set image_every=100)
 DIF=(train diffusion --data "$DATA" --workers 1 --batch-size 16 --set sample_every=1 --set sample_steps=10)
 GAN=(train gan --data "$DATA" --workers 1 --batch-size 16 --loss wgan-gp --set d_steps=2 --set sample_every=1)
-check_resumed() {   # check_resumed NAME: NAME-dev ran 2 epochs, NAME-dev-resumed resumed it for a third
-    [[ "$(json "$WORK/$1-dev.json" 'd["final_epoch"]')" == 1 ]] || { echo "gpu_check: $1-dev.json: unexpected final_epoch" >&2; exit 1; }
-    [[ "$(json "$WORK/$1-dev-resumed.json" 'd["final_epoch"]')" == 2 ]] || { echo "gpu_check: $1-dev-resumed.json: unexpected final_epoch" >&2; exit 1; }
-    [[ "$(json "$WORK/$1-dev-resumed.json" 'd["resumed"]')" == True ]] || { echo "gpu_check: $1 did not resume" >&2; exit 1; }
+# trains KEY NAME AMP AMP2 ARGS...: train 2 epochs on the device with AMP (KEY-dev.json), resume the
+# same run for a third with AMP2 (KEY-dev-resumed.json), train 2 epochs on the CPU (KEY-cpu.json, the
+# warm-epoch reference), and check that the resumed run continued from epoch 2.
+trains() {
+    local key=$1 name=$2 amp=$3 amp2=$4; shift 4
+    genseg "$name $DEVICE $amp" "$@" "${GPU[@]}" --epochs 2 --set amp="$amp" --run-name "$key-dev" \
+        --json "$WORK/$key-dev.json"
+    genseg "$name $DEVICE $amp2, resumed" "$@" "${GPU[@]}" --epochs 3 --set amp="$amp2" --run-name "$key-dev" \
+        --json "$WORK/$key-dev-resumed.json"
+    if want cpu; then genseg "$name cpu" "$@" --epochs 2 --run-name "$key-cpu" --json "$WORK/$key-cpu.json"; fi
+    [[ "$(json "$WORK/$key-dev.json" 'd["final_epoch"]')" == 1 ]] || { echo "gpu_check: $key-dev.json: unexpected final_epoch" >&2; exit 1; }
+    [[ "$(json "$WORK/$key-dev-resumed.json" 'd["final_epoch"]')" == 2 ]] || { echo "gpu_check: $key-dev-resumed.json: unexpected final_epoch" >&2; exit 1; }
+    [[ "$(json "$WORK/$key-dev-resumed.json" 'd["resumed"]')" == True ]] || { echo "gpu_check: $name did not resume" >&2; exit 1; }
 }
 if want seg; then
-    genseg "seg $DEVICE bf16" "${SEG[@]}" "${GPU[@]}" --epochs 2 --set amp=bf16 --run-name seg-dev \
-        --json "$WORK/seg-dev.json"
-    genseg "seg $DEVICE fp16, resumed" "${SEG[@]}" "${GPU[@]}" --epochs 3 --set amp=fp16 --run-name seg-dev \
-        --json "$WORK/seg-dev-resumed.json"
-    want cpu && genseg "seg cpu" "${SEG[@]}" --epochs 2 --run-name seg-cpu --json "$WORK/seg-cpu.json"
-    check_resumed seg
+    trains seg seg bf16 fp16 "${SEG[@]}"
     SEG_CKPT="$(json "$WORK/seg-dev-resumed.json" 'd["best_checkpoint"]')"
     genseg "eval seg $DEVICE" eval seg --model "$SEG_CKPT" --data "$DATA" --device "$DEVICE" --json "$WORK/eval-dev.json"
 fi
 if want diffusion; then
-    genseg "diffusion $DEVICE fp16" "${DIF[@]}" "${GPU[@]}" --epochs 2 --set amp=fp16 --run-name dif-dev \
-        --json "$WORK/dif-dev.json"
-    genseg "diffusion $DEVICE bf16, resumed" "${DIF[@]}" "${GPU[@]}" --epochs 3 --set amp=bf16 --run-name dif-dev \
-        --json "$WORK/dif-dev-resumed.json"
-    want cpu && genseg "diffusion cpu" "${DIF[@]}" --epochs 2 --run-name dif-cpu --json "$WORK/dif-cpu.json"
-    check_resumed dif
+    trains dif diffusion fp16 bf16 "${DIF[@]}"
     DIF_CKPT="$(json "$WORK/dif-dev-resumed.json" 'd["best_checkpoint"]')"
     SAMPLE=(sample --model "$DIF_CKPT" --num 16 --batch-size 8 --masks "$DATA" --sampler ddim --steps 20)
     genseg "sample ddim x20 $DEVICE" "${SAMPLE[@]}" --device "$DEVICE" --out "$WORK/samples-dev"
-    want cpu && genseg "sample ddim x20 cpu" "${SAMPLE[@]}" --device cpu --out "$WORK/samples-cpu"
+    if want cpu; then genseg "sample ddim x20 cpu" "${SAMPLE[@]}" --device cpu --out "$WORK/samples-cpu"; fi
 fi
-if want gan; then
-    genseg "gan $DEVICE bf16 wgan-gp" "${GAN[@]}" "${GPU[@]}" --epochs 2 --set amp=bf16 --run-name gan-dev \
-        --json "$WORK/gan-dev.json"
-    genseg "gan $DEVICE fp32, resumed" "${GAN[@]}" "${GPU[@]}" --epochs 3 --set amp=none --run-name gan-dev \
-        --json "$WORK/gan-dev-resumed.json"
-    want cpu && genseg "gan cpu" "${GAN[@]}" --epochs 2 --run-name gan-cpu --json "$WORK/gan-cpu.json"
-    check_resumed gan
+if want gan; then                      # WGAN-GP: the penalty's double backward on the device
+    trains gan gan bf16 none "${GAN[@]}"
     GAN_CKPT="$(json "$WORK/gan-dev-resumed.json" 'd["best_checkpoint"]')"
     genseg "sample gan $DEVICE" sample --model "$GAN_CKPT" --num 16 --masks "$DATA" --device "$DEVICE" --out "$WORK/gan-samples"
 fi
