@@ -275,8 +275,16 @@ class Score:
         return isinstance(self.value, (int, float)) and math.isfinite(self.value)
 
 
+def check_margin(margin: float) -> float:
+    """``margin`` if it is a finite number >= 0 (the champion rule's), else a ValueError."""
+    if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"the champion margin must be a finite number >= 0, not {margin!r}")
+    return float(margin)
+
+
 def decide_champion(new: Score, new_data: str, new_split: str, current: dict | None,
-                    promote: bool = False, new_weights: str | None = None) -> tuple[bool, str]:
+                    promote: bool = False, new_weights: str | None = None,
+                    margin: float = 0.0) -> tuple[bool, str]:
     """The champion rule -> (take the alias?, why).  ``current`` is the champion's tags or None.
 
     * a NaN, infinite or missing score never takes the alias, not even with ``promote``;
@@ -284,7 +292,10 @@ def decide_champion(new: Score, new_data: str, new_split: str, current: dict | N
       score; otherwise the champion is kept, and ``promote`` overrides;
     * a version with the champion's very weights (``new_weights``, the digest of its weight
       files) replaces it: it differs only in what was stored with it, e.g. tuned sampling settings;
-    * on the same footing the better score wins; a tie keeps the champion."""
+    * on the same footing the better score wins, by more than ``margin`` (in the score's units, e.g.
+      0.01 mIoU: a gain inside the run-to-run noise of the recipe should not move the alias); a tie,
+      or a gain of at most ``margin``, keeps the champion."""
+    check_margin(margin)
     if not new.valid:
         return False, f"its {new.name} is {new.value!r}, not a finite number: it never takes the alias"
     if current is None:
@@ -310,21 +321,26 @@ def decide_champion(new: Score, new_data: str, new_split: str, current: dict | N
         cur = float("nan")
     if not math.isfinite(cur):
         return True, f"the champion's {new.name} is not a finite number"
-    better = new.value > cur if new.higher_is_better else new.value < cur
-    if better:
-        return True, f"{new.name} {new.value:.6g} beats the champion's {cur:.6g}"
+    gain = new.value - cur if new.higher_is_better else cur - new.value
+    if gain > margin:
+        return True, (f"{new.name} {new.value:.6g} beats the champion's {cur:.6g}"
+                      + (f" by {gain:.3g}, more than the margin {margin:g}" if margin else ""))
+    if gain > 0:
+        return False, (f"{new.name} {new.value:.6g} beats the champion's {cur:.6g} by {gain:.3g}, "
+                       f"not by more than the margin {margin:g}")
     return False, f"{new.name} {new.value:.6g} does not beat the champion's {cur:.6g}"
 
 
 def register(run_id: str, artifact_path: str, model_name: str, score: Score, *, data_fingerprint: str,
              scored_on: str, data_desc: str = "", promote: bool = False, sampling: dict | None = None,
              tracking_uri: str | None = None, weights_digest: str | None = None,
-             extra_tags: dict | None = None) -> dict:
+             extra_tags: dict | None = None, margin: float = 0.0) -> dict:
     """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``model_name`` with its score,
     data fingerprint and sampling settings as tags; give it the ``champion`` alias by
     :func:`decide_champion`.  Returns what happened and why."""
     from mlflow.exceptions import MlflowException
 
+    check_margin(margin)             # before anything is registered
     client = _client(tracking_uri)
     try:
         client.get_registered_model(model_name)
@@ -349,7 +365,8 @@ def register(run_id: str, artifact_path: str, model_name: str, score: Score, *, 
     except MlflowException:
         current = None
     take, why = decide_champion(score, data_fingerprint, scored_on,
-                                None if current is None else dict(current.tags or {}), promote, weights_digest)
+                                None if current is None else dict(current.tags or {}), promote, weights_digest,
+                                margin)
     if take:
         client.set_registered_model_alias(model_name, CHAMPION, mv.version)
     prev_score = None

@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts before giving up")
     p.add_argument("--promote", action="store_true",
                    help="make this run's model the champion even if the champion was scored on other data")
+    p.add_argument("--champion-margin", type=_finite_nonneg("--champion-margin"), default=0.0, metavar="M",
+                   help="take the champion alias only by beating its score by more than M, in the score's units "
+                        "(e.g. 0.01 mIoU, about the recipe's seed-to-seed spread; default 0: any gain)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--json", help="write the run summary here")
     _runtime_flags(p)
@@ -335,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.9)")
     p.add_argument("--promote", action="store_true",
                    help="make the winner the champion even if the champion was scored on other data")
+    p.add_argument("--champion-margin", type=_finite_nonneg("--champion-margin"), default=0.0, metavar="M",
+                   help="take the champion alias only by beating its score by more than M, in the score's units "
+                        "(e.g. 0.01 mIoU, about the recipe's seed-to-seed spread; default 0: any gain)")
     p.add_argument("--json", help="write the search summary (all trials, best config and metrics) here")
     _runtime_flags(p)
 
@@ -522,7 +528,8 @@ def cmd_train(args, rt) -> int:
             prepare_tracking(rt, job.TASK.experiment)
             init_ray(rt)
             common = dict(workers=args.workers, gpu=args.gpu, run_name=run_name, max_failures=args.max_failures,
-                          cpus_per_worker=args.cpus_per_worker, promote=args.promote, spread=args.spread)
+                          cpus_per_worker=args.cpus_per_worker, promote=args.promote, spread=args.spread,
+                          champion_margin=args.champion_margin)
             extra = {"class_weights": args.class_weights} if args.task == "seg" else {}
             if args.latent:
                 extra["latent"] = args.latent
@@ -754,7 +761,7 @@ def tune_options(args):
         search=args.search, samples=args.samples, max_concurrent=args.max_concurrent, workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, gpu=args.gpu, grace_epochs=args.grace_epochs,
         reduction_factor=args.reduction_factor, seed=args.seed, class_weights=args.class_weights,
-        objective=objective, promote=args.promote, **sampling)
+        objective=objective, promote=args.promote, champion_margin=args.champion_margin, **sampling)
 
 
 def cmd_tune(args, rt) -> int:

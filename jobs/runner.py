@@ -412,7 +412,8 @@ def fit(task: Task, data: str, cfg: Any, rt, build_config: Callable[[dict, Any, 
 def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict, *, workers: int = 2,
         gpu: bool = False, run_name: str | None = None, max_failures: int = 0, cpus_per_worker: float = 1.0,
         register: bool = True, promote: bool = False, log=print, callbacks: list | None = None,
-        tags: dict | None = None, spread: bool = False, eval_splits: tuple[str, ...] = ()) -> dict:
+        tags: dict | None = None, spread: bool = False, eval_splits: tuple[str, ...] = (),
+        champion_margin: float = 0.0) -> dict:
     """Fit ``task`` and return a summary (run ids, best score, checkpoint paths, registry outcome).
 
     ``callbacks`` are Ray Train user callbacks (a Tune trial passes ``TuneReportCallback``);
@@ -422,7 +423,9 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     (each worker then recomputes its steps per epoch for the new group size; the ``workers``
     metric of every epoch says how many there were).  ``spread`` places the workers on as many
     nodes as it can (``placement_strategy="SPREAD"``) instead of packing them.  ``eval_splits``: more
-    splits besides val (e.g. ``holdout``) that every worker can read whole, as datasets of those names."""
+    splits besides val (e.g. ``holdout``) that every worker can read whole, as datasets of those names.
+    ``champion_margin``: how far the best score must beat the champion's to take the alias
+    (:func:`genseg.tracking.decide_champion`)."""
     from mlflow.tracking import MlflowClient
 
     from genseg import tracking
@@ -430,6 +433,7 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     check_splits(data_dir, manifest)
     run_name = run_name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_resumable(task, rt.workdir / "ray" / run_name, cfg, run_name)
+    tracking.check_margin(champion_margin)      # refused before training, not after it
     elastic = isinstance(workers, (tuple, list))
     resize = _resize_interval(elastic)          # a bad setting is refused before the MLflow run exists
     cache_mb = train_cache_mb(manifest)         # so is a bad cache setting
@@ -499,7 +503,7 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     done_epoch = client.get_run(run_id).data.tags.get("genseg.registered_epoch")
     if register and done_epoch != str(final_epoch):
         summary["registered"] = register_best(task, run_id, out / "best", best_metrics, data_dir, rt.tracking_uri,
-                                              promote=promote,
+                                              promote=promote, margin=champion_margin,
                                               scored_on=task.scored_on(cfg) if task.scored_on else "val")
         client.set_tag(run_id, "genseg.registered_epoch", str(final_epoch))
     client.set_terminated(run_id, status="FINISHED")
@@ -514,9 +518,9 @@ def pick_best(task: Task, checkpoints: list[tuple[Any, dict]]) -> tuple[Any, dic
 
 def register_best(task: Task, run_id: str, best_dir: Path, best_metrics: dict, data_dir: Path,
                   tracking_uri: str, promote: bool = False, scored_on: str = "val", artifact: str = "model",
-                  extra_tags: dict | None = None) -> dict:
+                  extra_tags: dict | None = None, margin: float = 0.0) -> dict:
     """Log the best checkpoint as an MLflow pyfunc model and register it; the champion rule decides
-    the alias (same data, comparable finite score; ``promote`` overrides)."""
+    the alias (same data, comparable finite score, better by more than ``margin``; ``promote`` overrides)."""
     from mlflow.tracking import MlflowClient
 
     from genseg import tracking
@@ -539,4 +543,4 @@ def register_best(task: Task, run_id: str, best_dir: Path, best_metrics: dict, d
                              data_desc=f"{data_dir} ({desc})", promote=promote,
                              sampling=None if sampling is None else sampling.to_dict(),
                              tracking_uri=tracking_uri, weights_digest=ckpt_lib.weights_digest(best_dir),
-                             extra_tags=extra_tags)
+                             extra_tags=extra_tags, margin=margin)

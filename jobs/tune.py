@@ -85,6 +85,7 @@ class TuneOptions:
     class_weights: str | None = None       # seg: the base --class-weights
     objective: Objective = field(default_factory=Objective)
     promote: bool = False
+    champion_margin: float = 0.0           # the winner must beat the champion by more than this
 
 
 class TuneError(InputError):
@@ -584,6 +585,7 @@ def promote(task: str, model_dir: Path, opts: TuneOptions, rt, run_id: str, samp
         MlflowClient(tracking_uri=rt.tracking_uri).log_artifacts(run_id, str(src), "best_checkpoint")
         return runner.register_best(TASK, run_id, src, metrics, Path(opts.data).resolve(), rt.tracking_uri,
                                     promote=opts.promote, extra_tags={TUNE_TAG: opts.name},
+                                    margin=opts.champion_margin,
                                     scored_on=TASK.scored_on(ck.config) if TASK.scored_on else "val")
 
 

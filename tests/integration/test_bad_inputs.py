@@ -261,6 +261,10 @@ CASES = [
     Case("train-zero-rows", train(then(shards(), lambda s: zero_rows(s, "val"))), "split 'val' of {d}/shards has 0 rows"),
     Case("train-all-ignored", train(shards(ignore_split="val")), "every mask pixel of split 'val'"),
     Case("train-bad-run-name", train(shards(), "--run-name", "../up"), "--run-name '../up'"),
+    Case("train-negative-champion-margin", train(shards(), "--champion-margin=-0.01"),
+         "--champion-margin must be a finite number >= 0, got '-0.01'", code=2),
+    Case("tune-nan-champion-margin", lambda d: ["tune", "seg", "--data", str(shards()(d)), "--champion-margin", "nan"],
+         "--champion-margin must be a finite number >= 0, got 'nan'", code=2),
     Case("train-run-in-progress", train(shards(), "--run-name", "busy"), f"run 'busy' is in progress in another "
          f"process (pid {os.getpid()}", hold_run="busy"),
     # eval seg: data checked before any model is resolved

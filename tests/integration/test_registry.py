@@ -42,7 +42,7 @@ def store(tmp_path):
     return uri, exp, ckpt
 
 
-def _version(uri, exp, ckpt, score, data, promote=False, tmp=None):
+def _version(uri, exp, ckpt, score, data, promote=False, tmp=None, margin=0.0):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -50,7 +50,8 @@ def _version(uri, exp, ckpt, score, data, promote=False, tmp=None):
     tracking.save_pyfunc(ckpt, tmp / f"model-{run.info.run_id}", "segmenter")
     client.log_artifacts(run.info.run_id, str(tmp / f"model-{run.info.run_id}"), "model")
     return tracking.register(run.info.run_id, "model", "genseg-segmenter", tracking.Score("val_miou", score),
-                             data_fingerprint=data, scored_on="val", promote=promote, tracking_uri=uri)
+                             data_fingerprint=data, scored_on="val", promote=promote, tracking_uri=uri,
+                             margin=margin)
 
 
 def test_champion_rule_on_a_real_registry(store, tmp_path):
@@ -82,6 +83,25 @@ def test_champion_rule_on_a_real_registry(store, tmp_path):
 
     forced = _version(uri, exp, ckpt, 0.1, b, promote=True, tmp=tmp_path)
     assert forced["champion"] and forced["reason"] == "--promote was given"
+
+
+def test_champion_margin_on_a_real_registry(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri, exp, ckpt = store
+    a = fingerprint(make_shards(tmp_path / "a", seed=0), "val")[0]
+    v1 = _version(uri, exp, ckpt, 0.344, a, tmp=tmp_path)
+    noise = _version(uri, exp, ckpt, 0.3446, a, tmp=tmp_path, margin=0.01)   # a seed's worth, not a better recipe
+    assert not noise["champion"] and noise["previous_champion"] == v1["version"]
+    assert "not by more than the margin 0.01" in noise["reason"]
+    client = MlflowClient(uri)
+    assert int(client.get_model_version_by_alias("genseg-segmenter", "champion").version) == v1["version"]
+    with pytest.raises(ValueError, match="champion margin"):                 # refused before a version exists
+        _version(uri, exp, ckpt, 0.9, a, tmp=tmp_path, margin=-1.0)
+    assert {int(v.version) for v in client.search_model_versions("name='genseg-segmenter'")} == {1, 2}
+    clear = _version(uri, exp, ckpt, 0.3550, a, tmp=tmp_path, margin=0.01)
+    assert clear["champion"] and clear["version"] == 3
+    assert int(client.get_model_version_by_alias("genseg-segmenter", "champion").version) == 3
 
 
 def test_a_legacy_champion_without_fingerprint_is_kept_and_says_why():

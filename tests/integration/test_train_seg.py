@@ -227,3 +227,36 @@ def test_holdout_split_select_on_it_and_evaluate_it(ray_cluster, tmp_path, capsy
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--infer-scale: scale must be a number in (0, 4]" in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_champion_margin_keeps_a_champion_that_a_run_beats_by_less(ray_cluster, tmp_path, capsys):
+    """`train seg --champion-margin M` reaches the registry: a champion at mIoU 0 on the same data and
+    split is beaten by any trained model, but not by more than 1, so it keeps the alias."""
+    from genseg import tracking
+    from genseg.config import SegConfig
+    from genseg.data.shards import fingerprint
+    from genseg.models import build_segmenter
+
+    wd, data = tmp_path / "wd", str(tmp_path / "shards")
+    assert main(["prepare", "--source", "synthetic", "--num", "12", "--size", "32x48", "--out", data,
+                 "--workdir", str(wd)]) == 0
+    uri = f"sqlite:///{wd / 'mlflow.db'}"
+    tracking.setup(wd, uri)
+    client = MlflowClient(uri)
+    run = client.create_run(tracking.experiment_id("genseg-seg", wd))
+    cfg = SegConfig(num_classes=7, width=8)
+    tracking.save_pyfunc(ck.save(tmp_path / "zero", build_segmenter(cfg), cfg, epoch=0), tmp_path / "pyfunc",
+                         "segmenter")
+    client.log_artifacts(run.info.run_id, str(tmp_path / "pyfunc"), "model")
+    zero = tracking.register(run.info.run_id, "model", "genseg-segmenter", tracking.Score("val_miou", 0.0),
+                             data_fingerprint=fingerprint(data, "val")[0], scored_on="val", tracking_uri=uri)
+    assert zero["champion"]
+
+    capsys.readouterr()
+    assert main(["train", "seg", "--data", data, "--workers", "1", "--epochs", "1", "--run-name", "m",
+                 "--workdir", str(wd), "--champion-margin", "1", "--json", str(tmp_path / "m.json"), *TINY]) == 0
+    reg = json.loads((tmp_path / "m.json").read_text())["registered"]
+    assert reg["score"] > 0 and not reg["champion"] and reg["previous_champion"] == zero["version"]
+    assert f"beats the champion's 0 by {reg['score']:.3g}, not by more than the margin 1" in reg["reason"]
+    assert "the champion stays version 1" in capsys.readouterr().out
+    assert int(client.get_model_version_by_alias("genseg-segmenter", "champion").version) == zero["version"]

@@ -1,4 +1,5 @@
 """Search spaces, their validation, the tuning objective and ranking (genseg.tuning; no Ray)."""
+import json
 import math
 
 import pytest
@@ -124,3 +125,47 @@ def test_champion_rule_lets_the_champions_own_weights_replace_it():
     assert not tracking.decide_champion(score, "other", "val", cur, new_weights="w1")[0]   # other data: not comparable
     nan = tracking.Score("val_x0_mse", float("nan"), higher_is_better=False)
     assert not tracking.decide_champion(nan, "d", "val", cur, new_weights="w1")[0]
+
+
+@pytest.mark.parametrize("higher, champ, inside, outside", [
+    (True, "0.3442", 0.3500, 0.3543),       # mIoU: higher is better
+    (False, "0.0500", 0.0450, 0.0399),      # a loss: lower is better, the margin counts downwards
+])
+def test_champion_margin_keeps_the_champion_on_gains_inside_it(higher, champ, inside, outside):
+    name = "holdout_miou" if higher else "val_x0_mse"
+    cur = {tracking.DATA_TAG: "d", tracking.SPLIT_TAG: "holdout", tracking.SCORE_NAME_TAG: name,
+           tracking.SCORE_TAG: champ}
+
+    def decide(value, margin):
+        return tracking.decide_champion(tracking.Score(name, value, higher), "d", "holdout", cur, margin=margin)
+
+    take, why = decide(inside, 0.01)             # better, but by less than the margin
+    assert not take and f"by {abs(float(champ) - inside):.3g}, not by more than the margin 0.01" in why
+    assert decide(inside, 0.0)[0]                # the default: any gain takes the alias
+    take, why = decide(outside, 0.01)
+    assert take and "more than the margin 0.01" in why
+    worse = 0.3 if higher else 0.06
+    assert "does not beat" in decide(worse, 0.01)[1]
+    # --promote and the champion's own weights still override the margin
+    own = {**cur, tracking.WEIGHTS_TAG: "w1"}
+    assert tracking.decide_champion(tracking.Score(name, inside, higher), "d", "holdout", own, new_weights="w1",
+                                    margin=0.01)[0]
+    assert tracking.decide_champion(tracking.Score(name, inside, higher), "d", "holdout", cur, promote=True,
+                                    margin=0.01)[0]
+    for bad in (-0.01, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="champion margin must be a finite number >= 0"):
+            decide(outside, bad)
+
+
+def test_tune_passes_the_champion_margin_to_the_search(tmp_path):
+    from jobs.cli import build_parser, tune_options
+
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format": "genseg-shards/1", "classes": {"names": ["a", "b", "c"]}, "num_classes": 3, "ignore_index": 255,
+        "splits": {"train": {"count": 4}, "val": {"count": 2}}, "sizes": [[8, 8]], "size": [8, 8],
+        "class_pixels": [1, 2, 3]}))
+
+    def margin(*flags):
+        return tune_options(build_parser().parse_args(["tune", "seg", "--data", str(tmp_path), *flags])).champion_margin
+
+    assert margin("--champion-margin", "0.02") == 0.02 and margin() == 0.0
