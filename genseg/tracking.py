@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -276,10 +277,14 @@ class Score:
 
 
 def check_margin(margin: float) -> float:
-    """``margin`` if it is a finite number >= 0 (the champion rule's), else a ValueError."""
-    if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
-        raise ValueError(f"the champion margin must be a finite number >= 0, not {margin!r}")
+    """``margin`` as a float if it is a finite number >= 0 (the champion rule's), else a ValueError."""
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not (math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"the champion margin must be a finite number >= 0, got {margin!r}")
     return float(margin)
+
+
+# gains within this of the margin are rounding, not more than it: 0.3542 - 0.3442 is 0.010000000000000009
+_ROUNDING = 1e-9
 
 
 def decide_champion(new: Score, new_data: str, new_split: str, current: dict | None,
@@ -295,7 +300,7 @@ def decide_champion(new: Score, new_data: str, new_split: str, current: dict | N
     * on the same footing the better score wins, by more than ``margin`` (in the score's units, e.g.
       0.01 mIoU: a gain inside the run-to-run noise of the recipe should not move the alias); a tie,
       or a gain of at most ``margin``, keeps the champion."""
-    check_margin(margin)
+    margin = check_margin(margin)
     if not new.valid:
         return False, f"its {new.name} is {new.value!r}, not a finite number: it never takes the alias"
     if current is None:
@@ -322,11 +327,11 @@ def decide_champion(new: Score, new_data: str, new_split: str, current: dict | N
     if not math.isfinite(cur):
         return True, f"the champion's {new.name} is not a finite number"
     gain = new.value - cur if new.higher_is_better else cur - new.value
-    if gain > margin:
+    if gain > margin + _ROUNDING:
         return True, (f"{new.name} {new.value:.6g} beats the champion's {cur:.6g}"
-                      + (f" by {gain:.3g}, more than the margin {margin:g}" if margin else ""))
-    if gain > 0:
-        return False, (f"{new.name} {new.value:.6g} beats the champion's {cur:.6g} by {gain:.3g}, "
+                      + (f" by {gain:.6g}, more than the margin {margin:g}" if margin else ""))
+    if gain > _ROUNDING:
+        return False, (f"{new.name} {new.value:.6g} beats the champion's {cur:.6g} by {gain:.6g}, "
                        f"not by more than the margin {margin:g}")
     return False, f"{new.name} {new.value:.6g} does not beat the champion's {cur:.6g}"
 

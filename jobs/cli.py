@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make this run's model the champion even if the champion was scored on other data")
     p.add_argument("--champion-margin", type=_finite_nonneg("--champion-margin"), default=0.0, metavar="M",
                    help="take the champion alias only by beating its score by more than M, in the score's units "
-                        "(e.g. 0.01 mIoU, about the recipe's seed-to-seed spread; default 0: any gain)")
+                        "(mIoU is a fraction: 1.5 points is 0.015); e.g. the recipe's seed-to-seed sd. "
+                        "Default 0: any gain")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--json", help="write the run summary here")
     _runtime_flags(p)
@@ -340,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make the winner the champion even if the champion was scored on other data")
     p.add_argument("--champion-margin", type=_finite_nonneg("--champion-margin"), default=0.0, metavar="M",
                    help="take the champion alias only by beating its score by more than M, in the score's units "
-                        "(e.g. 0.01 mIoU, about the recipe's seed-to-seed spread; default 0: any gain)")
+                        "(mIoU is a fraction: 1.5 points is 0.015); e.g. the recipe's seed-to-seed sd. "
+                        "Default 0: any gain")
     p.add_argument("--json", help="write the search summary (all trials, best config and metrics) here")
     _runtime_flags(p)
 
@@ -496,11 +498,21 @@ def task_config(args):
     return config_lib.replace(cfg, over)
 
 
+def _check_miou_margin(args) -> None:
+    """A segmenter competes on an mIoU, a fraction in [0, 1]: a margin of 1 or more could never be
+    cleared, and is most likely meant in points (1.5 for 0.015)."""
+    if args.task == "seg" and args.champion_margin >= 1:
+        raise UsageError(f"--champion-margin {args.champion_margin:g} can never be cleared: a segmenter's mIoU is a "
+                         f"fraction from 0 to 1, so {args.champion_margin:g} points is "
+                         f"{args.champion_margin / 100:g}")
+
+
 def cmd_train(args, rt) -> int:
     from jobs.runtime import hold_run, init_ray, interruptible, prepare_tracking
     from pipelines.shards import check_split
 
     cfg = task_config(args)
+    _check_miou_margin(args)
     for split in ("train", "val"):   # before Ray starts: a missing, empty, corrupted or label-less split
         check_split(args.data, split, need_labels=args.task == "seg")
     if args.task == "seg":
@@ -710,6 +722,7 @@ def tune_options(args):
 
     if args.task == "seg" and args.stage != "all":
         raise UsageError("--stage applies to `tune diffusion` only (its stages: schedule, sampling)")
+    _check_miou_margin(args)
     if args.task == "diffusion" and args.class_weights:
         raise UsageError("--class-weights applies to `tune seg` only")
     # the sampling search's flags: left unset, the search's own defaults (TuneOptions, Objective) apply

@@ -527,6 +527,7 @@ def register_best(task: Task, run_id: str, best_dir: Path, best_metrics: dict, d
     from genseg.data.shards import fingerprint
     from genseg.loading import KINDS, sampling_of
 
+    tracking.check_margin(margin)                   # before anything is logged
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     ck = ckpt_lib.load(best_dir)
     kind = KINDS[type(ck.config).__name__][0]

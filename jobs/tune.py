@@ -596,6 +596,7 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
 
     from genseg import tracking
 
+    tracking.check_margin(opts.champion_margin)     # before any trial, not when the winner is registered
     experiment = "genseg-seg" if task == "seg" else "genseg-diffusion"
     if not rt.verbose:       # Tune's trial tables and tracebacks: the progress lines say what happened
         import logging

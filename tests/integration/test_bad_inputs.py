@@ -263,6 +263,9 @@ CASES = [
     Case("train-bad-run-name", train(shards(), "--run-name", "../up"), "--run-name '../up'"),
     Case("train-negative-champion-margin", train(shards(), "--champion-margin=-0.01"),
          "--champion-margin must be a finite number >= 0, got '-0.01'", code=2),
+    Case("train-seg-champion-margin-in-points", train(shards(), "--champion-margin", "1.5"),
+         "--champion-margin 1.5 can never be cleared: a segmenter's mIoU is a fraction from 0 to 1, so 1.5 points "
+         "is 0.015"),
     Case("tune-nan-champion-margin", lambda d: ["tune", "seg", "--data", str(shards()(d)), "--champion-margin", "nan"],
          "--champion-margin must be a finite number >= 0, got 'nan'", code=2),
     Case("train-run-in-progress", train(shards(), "--run-name", "busy"), f"run 'busy' is in progress in another "

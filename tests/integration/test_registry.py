@@ -162,3 +162,48 @@ def test_diffusion_pyfunc_generates_seeded_images_from_label_maps(tmp_path):
     from genseg.loading import load
 
     assert np.array_equal(a, load(path).generate(torch.from_numpy(labels), 2, seed=3).numpy())
+
+
+def test_a_searchs_winner_is_held_to_the_champion_margin(store, tmp_path):
+    """`tune` registers its winner through `jobs.tune.promote`: the search's margin reaches the rule."""
+    from types import SimpleNamespace
+
+    from jobs import tune
+
+    uri, exp, _ = store
+    data = make_shards(tmp_path / "a", seed=0)
+    zero = _version(uri, exp, store[2], 0.0, fingerprint(data, "val")[0], tmp=tmp_path)
+    assert zero["champion"]
+    cfg = SegConfig(num_classes=3, width=8)
+    winner = ck.save(tmp_path / "winner", build_segmenter(cfg), cfg, epoch=3, metrics={"val_miou": 0.5},
+                     classes={"names": ["a", "b", "c"]})
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+
+    def promote(margin):
+        opts = tune.TuneOptions(data=str(data), name="s", stages=("seg",), spaces={}, base=cfg, champion_margin=margin)
+        return tune.promote("seg", winner, opts, SimpleNamespace(tracking_uri=uri), client.create_run(exp).info.run_id,
+                            None)
+
+    kept = promote(0.6)
+    assert not kept["champion"] and "by 0.5, not by more than the margin 0.6" in kept["reason"]
+    taken = promote(0.4)
+    assert taken["champion"] and "by 0.5, more than the margin 0.4" in taken["reason"]
+
+
+def test_a_bad_margin_is_refused_before_a_training_run_starts(tmp_path):
+    """`jobs.train_seg.run` (the API under `genseg train seg`) refuses a bad margin before it creates
+    an MLflow run or a Ray run directory, not after training, when the winner is registered."""
+    from types import SimpleNamespace
+
+    from jobs import train_seg
+
+    data = make_shards(tmp_path / "a", seed=0)
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    rt = SimpleNamespace(workdir=wd, tracking_uri=f"sqlite:///{wd / 'mlflow.db'}", verbose=False)
+    with pytest.raises(ValueError, match="champion margin must be a finite number >= 0, got -0.01"):
+        train_seg.run(str(data), SegConfig(width=8, batch_size=2), rt, workers=1, run_name="m",
+                      champion_margin=-0.01)
+    assert list(wd.iterdir()) == []

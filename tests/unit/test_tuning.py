@@ -152,9 +152,26 @@ def test_champion_margin_keeps_the_champion_on_gains_inside_it(higher, champ, in
                                     margin=0.01)[0]
     assert tracking.decide_champion(tracking.Score(name, inside, higher), "d", "holdout", cur, promote=True,
                                     margin=0.01)[0]
-    for bad in (-0.01, float("nan"), float("inf"), True):
+    for bad in (-0.01, float("nan"), float("inf"), True, "0.01"):
         with pytest.raises(ValueError, match="champion margin must be a finite number >= 0"):
             decide(outside, bad)
+
+
+def test_champion_margin_means_more_than_m_and_rounding_does_not_clear_it():
+    import numpy as np
+
+    cur = {tracking.DATA_TAG: "d", tracking.SPLIT_TAG: "val", tracking.SCORE_NAME_TAG: "val_miou",
+           tracking.SCORE_TAG: "0.5"}
+
+    def take(value, margin, champion="0.5"):
+        return tracking.decide_champion(tracking.Score("val_miou", value), "d", "val",
+                                        {**cur, tracking.SCORE_TAG: champion}, margin=margin)[0]
+
+    assert not take(0.75, 0.25)                  # exactly M (exact in binary) is not more than M
+    assert take(0.75 + 1e-6, 0.25)
+    assert not take(0.3542, 0.01, champion="0.3442")     # 0.010000000000000009 in floats: still exactly M
+    assert take(0.3543, 0.01, champion="0.3442")
+    assert take(0.6, np.float32(0.05))           # any real number type
 
 
 def test_tune_passes_the_champion_margin_to_the_search(tmp_path):
