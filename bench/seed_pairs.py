@@ -1,7 +1,8 @@
-"""Photometric augmentation against the base recipe on the 2-core holdout screen, paired by seed
-(bench/README.md, issue 14).  Reads the rows that bench/holdout_screen_table.py wrote (--out).
+"""Recipe changes against the base recipe on the 2-core holdout screen, paired by seed
+(bench/README.md, issue 14): photometric augmentation at two strengths and a wider scale range.
+Reads the rows that bench/holdout_screen_table.py wrote (--out).
 
-    .venv/bin/python bench/photometric_pairs.py bench/results/tune_holdout_screen_table.json
+    .venv/bin/python bench/seed_pairs.py bench/results/tune_holdout_screen_table.json
 
 The base recipe's seeds come from three searches: seed 0 is the weights x loss search's inv-sqrt +
 CE trial, seeds 1-2 the schedule search's poly trials, seeds 3-5 the base_seeds345 search.
@@ -20,6 +21,7 @@ ARMS = {
              ("tune_holdout_base_seeds345", {}, None)],
     "photometric 0.3": [("tune_holdout_photometric", {}, None), ("tune_holdout_photometric_seeds345", {}, None)],
     "photometric 0.5": [("tune_holdout_photometric_strong", {}, None)],
+    "scale 0.25-1.0": [("tune_holdout_scale_wide", {}, None)],
 }
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}   # t, two-sided 95 %
 
@@ -47,7 +49,7 @@ def main() -> None:
     print()
     print("| arm - base, same seed | n | metric | differences by seed | mean | sd | 95 % interval (t) |")
     print("|---|---|---|---|---|---|---|")
-    for name in ("photometric 0.3", "photometric 0.5"):
+    for name in (a for a in ARMS if a != "base"):
         seeds = sorted(set(arms[name]) & set(base))
         if not seeds:
             print(f"| {name} | 0 | (no trials in the table) | | | | |")
