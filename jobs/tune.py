@@ -92,6 +92,31 @@ class TuneError(InputError):
     """A search that cannot run as asked (no finished trial to promote, a stage without its input)."""
 
 
+TRIAL_DRIVER_CPU = 0.01    # a training trial's function only drives its Train run: a sliver of a CPU
+DATA_TASK_CPU = 1.0        # what one Ray Data read task asks for
+
+
+def check_training_fits(opts: TuneOptions, cluster_cpus: float | None) -> None:
+    """Training trials at once hold ``workers x cpus_per_worker`` CPUs each (and a sliver for their
+    driver); what is left must take one Ray Data read task, or every trial waits for its data forever
+    (on 4 logical CPUs, three one-worker trials leave 0.97)."""
+    if not cluster_cpus or all(stage == "sampling" for stage in opts.stages):
+        return
+    concurrent = opts.max_concurrent or 1
+    per_trial = opts.workers * opts.cpus_per_worker + TRIAL_DRIVER_CPU
+    left = cluster_cpus - concurrent * per_trial
+    if left + 1e-9 >= DATA_TASK_CPU:
+        return
+    fit = int((cluster_cpus - DATA_TASK_CPU + 1e-9) // per_trial)
+    raise TuneError(
+        (f"--max-concurrent {concurrent}: " if opts.max_concurrent else "")
+        + f"{concurrent} training trial(s) at once of {opts.workers} worker(s) x "
+        f"{opts.cpus_per_worker:g} CPU leave {max(left, 0):.2f} of Ray's {cluster_cpus:g} CPUs for Ray Data, "
+        f"whose read tasks need {DATA_TASK_CPU:g} each, so every trial would wait for its data forever; "
+        + (f"at most {fit} fit at once" if fit else "not even one fits")
+        + " (lower --max-concurrent, --workers or --cpus-per-worker, or give Ray more CPUs: GENSEG_NUM_CPUS)")
+
+
 # ------------------------------------------------------------------ spaces
 
 def spaces_for(task: str, file_spec: dict | None) -> dict[str, SearchSpace]:
@@ -432,7 +457,7 @@ def run_training_stage(task: str, stage: str, opts: TuneOptions, rt, parent_run_
            "workers": opts.workers, "gpu": opts.gpu, "cpus_per_worker": opts.cpus_per_worker,
            "class_weights": opts.class_weights}
     # the trial function only drives its Train run (whose workers hold the CPUs): a sliver of a CPU
-    trainable = tune.with_resources(tune.with_parameters(_schedule_trial, ctx=ctx), {"CPU": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(_schedule_trial, ctx=ctx), {"CPU": TRIAL_DRIVER_CPU})
     # max_t one past the last epoch: ASHA stops a trial that reaches max_t at once, before the runner
     # has copied its best checkpoint out; a trial that trains all its epochs ends on its own
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
@@ -597,6 +622,10 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
     from genseg import tracking
 
     tracking.check_margin(opts.champion_margin)     # before any trial, not when the winner is registered
+    if rt.ray_address in (None, "", "local"):       # a cluster we joined may still grow (an autoscaler)
+        import ray
+
+        check_training_fits(opts, ray.cluster_resources().get("CPU") if ray.is_initialized() else None)
     experiment = "genseg-seg" if task == "seg" else "genseg-diffusion"
     if not rt.verbose:       # Tune's trial tables and tracebacks: the progress lines say what happened
         import logging

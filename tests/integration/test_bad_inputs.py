@@ -266,6 +266,10 @@ CASES = [
     Case("train-seg-champion-margin-in-points", train(shards(), "--champion-margin", "1.5"),
          "--champion-margin 1.5 can never be cleared: a segmenter's mIoU is a fraction from 0 to 1, so 1.5 points "
          "is 0.015"),
+    Case("tune-trials-leave-no-cpu-for-ray-data",
+         lambda d: ["tune", "seg", "--data", str(shards()(d)), "--max-concurrent", "3"],
+         "--max-concurrent 3: 3 training trial(s) at once of 1 worker(s) x 1 CPU leave 0.97 of Ray's 4 CPUs for "
+         "Ray Data", ray=True),
     Case("tune-nan-champion-margin", lambda d: ["tune", "seg", "--data", str(shards()(d)), "--champion-margin", "nan"],
          "--champion-margin must be a finite number >= 0, got 'nan'", code=2),
     Case("train-run-in-progress", train(shards(), "--run-name", "busy"), f"run 'busy' is in progress in another "

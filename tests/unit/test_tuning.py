@@ -186,3 +186,24 @@ def test_tune_passes_the_champion_margin_to_the_search(tmp_path):
         return tune_options(build_parser().parse_args(["tune", "seg", "--data", str(tmp_path), *flags])).champion_margin
 
     assert margin("--champion-margin", "0.02") == 0.02 and margin() == 0.0
+
+
+def test_training_trials_at_once_must_leave_a_cpu_for_ray_data():
+    from jobs.tune import TuneError, TuneOptions, check_training_fits
+
+    def opts(concurrent, workers=1, cpus=1.0, stages=("seg",)):
+        return TuneOptions(data="d", name="s", stages=stages, spaces={}, base=SegConfig(), max_concurrent=concurrent,
+                           workers=workers, cpus_per_worker=cpus)
+
+    check_training_fits(opts(2), 4.0)                  # 2.02 CPUs held, 1.98 left for Ray Data
+    with pytest.raises(TuneError) as e:                # 3.03 held leaves 0.97: the trials wait forever
+        check_training_fits(opts(3), 4.0)
+    assert "--max-concurrent 3" in str(e.value) and "leave 0.97 of Ray's 4 CPUs" in str(e.value)
+    assert "at most 2 fit at once" in str(e.value)
+    check_training_fits(opts(3, cpus=0.5), 4.0)        # half-CPU workers: 1.53 held
+    check_training_fits(opts(None, workers=2), 4.0)    # the default, one trial: 2.01 held
+    with pytest.raises(TuneError) as e:                # 3.01 held leaves 0.99
+        check_training_fits(opts(None, workers=3), 4.0)
+    assert str(e.value).startswith("1 training trial(s) at once of 3 worker(s)") and "not even one fits" in str(e.value)
+    check_training_fits(opts(8, stages=("sampling",)), 4.0)   # sampling trials read no shards through Ray Data
+    check_training_fits(opts(3), None)                 # a cluster we joined is not judged by its size now
