@@ -2,9 +2,9 @@
 # Issue 14's recipe screen on 2 CPU cores: `genseg tune seg` grids on CamVid with the holdout
 # sequence as the objective (bench/configs/camvid_screen_cpu.yaml: compact FCN-8s at half
 # resolution, 20 epochs, two one-thread trials at a time), the winner's test-time augmentation, and
-# photometric augmentation and a wider scale range against the base recipe, paired by seed.
+# photometric augmentation, a wider scale range and twice the epochs against the base recipe, paired by seed.
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 157 minutes on 2 cores (the photometric and scale searches at the end, 84 of them).
+# About 200 minutes on 2 cores (the paired-seed searches at the end, 130 of them).
 # Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
@@ -41,3 +41,5 @@ search photometric_seeds345 tune_seg_holdout_seeds345 "${PHOTO[@]}"
 search photometric_strong tune_seg_holdout_seeds --set jitter=0.5 --set gamma=0.5 --set blur=0.4
 # the scale range of the GPU recipe (0.5-2 at full resolution, 0.25-1.0 at the screen's half) at seeds 0-2
 search scale_wide tune_seg_holdout_seeds --set scale_min=0.25 --set scale_max=1.0
+# training length: 40 epochs instead of 20 (the poly schedule stretched to match) at seeds 0-2
+search epochs40 tune_seg_holdout_seeds --epochs 40 --grace-epochs 40

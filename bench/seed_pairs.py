@@ -1,5 +1,6 @@
 """Recipe changes against the base recipe on the 2-core holdout screen, paired by seed
-(bench/README.md, issue 14): photometric augmentation at two strengths and a wider scale range.
+(bench/README.md, issue 14): photometric augmentation at two strengths, a wider scale range and
+twice the epochs.
 Reads the rows that bench/holdout_screen_table.py wrote (--out).
 
     .venv/bin/python bench/seed_pairs.py bench/results/tune_holdout_screen_table.json
@@ -22,6 +23,7 @@ ARMS = {
     "photometric 0.3": [("tune_holdout_photometric", {}, None), ("tune_holdout_photometric_seeds345", {}, None)],
     "photometric 0.5": [("tune_holdout_photometric_strong", {}, None)],
     "scale 0.25-1.0": [("tune_holdout_scale_wide", {}, None)],
+    "40 epochs": [("tune_holdout_epochs40", {}, None)],
 }
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}   # t, two-sided 95 %
 
