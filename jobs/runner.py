@@ -435,6 +435,12 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     check_resumable(task, rt.workdir / "ray" / run_name, cfg, run_name)
     tracking.check_margin(champion_margin)      # refused before training, not after it
     elastic = isinstance(workers, (tuple, list))
+    from jobs.runtime import check_room_for_data, local_cpus
+
+    most = max(workers) if elastic else workers
+    check_room_for_data(most * cpus_per_worker, local_cpus(rt), f"{describe_workers(workers)} worker(s) x "
+                        f"{cpus_per_worker:g} CPU", "lower --workers or --cpus-per-worker, or give Ray more CPUs: "
+                        "GENSEG_NUM_CPUS")
     resize = _resize_interval(elastic)          # a bad setting is refused before the MLflow run exists
     cache_mb = train_cache_mb(manifest)         # so is a bad cache setting
     tracking.setup(rt.workdir, rt.tracking_uri)

@@ -152,6 +152,31 @@ def ray_logs_dir() -> str | None:
 
 # ------------------------------------------------------------------ Ray
 
+DATA_TASK_CPU = 1.0        # what one Ray Data read task asks for
+
+
+def local_cpus(rt: Runtime) -> float | None:
+    """The CPUs of the local Ray this process started, or None: Ray not started here, or a cluster
+    joined (``--ray-address``, ``RAY_ADDRESS``, a Ray Job), which an autoscaler may still grow."""
+    if getattr(rt, "ray_address", None) not in (None, "", "local"):
+        return None
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else None
+
+
+def check_room_for_data(held: float, cluster_cpus: float | None, what: str, fix: str) -> None:
+    """Training that holds ``held`` CPUs must leave one for a Ray Data read task, or it waits for its
+    data forever with nothing said (on 4 logical CPUs, 4 one-CPU workers leave none)."""
+    if not cluster_cpus:
+        return
+    left = cluster_cpus - held
+    if left + 1e-9 < DATA_TASK_CPU:
+        raise InputError(f"{what} leave {max(left, 0):.2f} of Ray's {cluster_cpus:g} CPUs for Ray Data, whose "
+                         f"read tasks need {DATA_TASK_CPU:g} each, so training would wait for its data forever; "
+                         f"{fix}")
+
+
 def init_ray(rt: Runtime, num_cpus: int | None = None) -> None:
     """Start (or join) Ray.  A local cluster gets logical CPUs beyond the physical cores so a
     Train run and its Ray Data pipeline both get scheduled on small machines (ray-notes.md)."""

@@ -93,28 +93,29 @@ class TuneError(InputError):
 
 
 TRIAL_DRIVER_CPU = 0.01    # a training trial's function only drives its Train run: a sliver of a CPU
-DATA_TASK_CPU = 1.0        # what one Ray Data read task asks for
 
 
 def check_training_fits(opts: TuneOptions, cluster_cpus: float | None) -> None:
     """Training trials at once hold ``workers x cpus_per_worker`` CPUs each (and a sliver for their
     driver); what is left must take one Ray Data read task, or every trial waits for its data forever
-    (on 4 logical CPUs, three one-worker trials leave 0.97)."""
-    if not cluster_cpus or all(stage == "sampling" for stage in opts.stages):
+    (on 4 logical CPUs, three one-worker trials leave 0.97).  ``cluster_cpus`` None: not judged."""
+    from jobs.runtime import DATA_TASK_CPU, check_room_for_data
+
+    if all(stage == "sampling" for stage in opts.stages):
         return
     concurrent = opts.max_concurrent or 1
     per_trial = opts.workers * opts.cpus_per_worker + TRIAL_DRIVER_CPU
-    left = cluster_cpus - concurrent * per_trial
-    if left + 1e-9 >= DATA_TASK_CPU:
-        return
-    fit = int((cluster_cpus - DATA_TASK_CPU + 1e-9) // per_trial)
-    raise TuneError(
-        (f"--max-concurrent {concurrent}: " if opts.max_concurrent else "")
-        + f"{concurrent} training trial(s) at once of {opts.workers} worker(s) x "
-        f"{opts.cpus_per_worker:g} CPU leave {max(left, 0):.2f} of Ray's {cluster_cpus:g} CPUs for Ray Data, "
-        f"whose read tasks need {DATA_TASK_CPU:g} each, so every trial would wait for its data forever; "
-        + (f"at most {fit} fit at once" if fit else "not even one fits")
-        + " (lower --max-concurrent, --workers or --cpus-per-worker, or give Ray more CPUs: GENSEG_NUM_CPUS)")
+    fit = int(((cluster_cpus or 0) - DATA_TASK_CPU + 1e-9) // per_trial)
+    try:
+        check_room_for_data(concurrent * per_trial, cluster_cpus,
+                            (f"--max-concurrent {concurrent}: " if opts.max_concurrent else "")
+                            + f"{concurrent} training trial(s) at once of {opts.workers} worker(s) x "
+                              f"{opts.cpus_per_worker:g} CPU",
+                            (f"at most {fit} fit at once" if fit else "not even one fits")
+                            + " (lower --max-concurrent, --workers or --cpus-per-worker, or give Ray more CPUs: "
+                              "GENSEG_NUM_CPUS)")
+    except InputError as e:
+        raise TuneError(str(e)) from None
 
 
 # ------------------------------------------------------------------ spaces
@@ -622,10 +623,9 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
     from genseg import tracking
 
     tracking.check_margin(opts.champion_margin)     # before any trial, not when the winner is registered
-    if rt.ray_address in (None, "", "local"):       # a cluster we joined may still grow (an autoscaler)
-        import ray
+    from jobs.runtime import local_cpus
 
-        check_training_fits(opts, ray.cluster_resources().get("CPU") if ray.is_initialized() else None)
+    check_training_fits(opts, local_cpus(rt))       # a cluster we joined may still grow (an autoscaler)
     experiment = "genseg-seg" if task == "seg" else "genseg-diffusion"
     if not rt.verbose:       # Tune's trial tables and tracebacks: the progress lines say what happened
         import logging

@@ -270,6 +270,9 @@ CASES = [
          lambda d: ["tune", "seg", "--data", str(shards()(d)), "--max-concurrent", "3"],
          "--max-concurrent 3: 3 training trial(s) at once of 1 worker(s) x 1 CPU leave 0.97 of Ray's 4 CPUs for "
          "Ray Data", ray=True),
+    Case("train-workers-leave-no-cpu-for-ray-data", train(shards(), "--workers", "4", "--batch-size", "2"),
+         "4 worker(s) x 1 CPU leave 0.00 of Ray's 4 CPUs for Ray Data, whose read tasks need 1 each, so training "
+         "would wait for its data forever; lower --workers or --cpus-per-worker", ray=True),
     Case("tune-nan-champion-margin", lambda d: ["tune", "seg", "--data", str(shards()(d)), "--champion-margin", "nan"],
          "--champion-margin must be a finite number >= 0, got 'nan'", code=2),
     Case("train-run-in-progress", train(shards(), "--run-name", "busy"), f"run 'busy' is in progress in another "

@@ -206,4 +206,24 @@ def test_training_trials_at_once_must_leave_a_cpu_for_ray_data():
         check_training_fits(opts(None, workers=3), 4.0)
     assert str(e.value).startswith("1 training trial(s) at once of 3 worker(s)") and "not even one fits" in str(e.value)
     check_training_fits(opts(8, stages=("sampling",)), 4.0)   # sampling trials read no shards through Ray Data
-    check_training_fits(opts(3), None)                 # a cluster we joined is not judged by its size now
+    check_training_fits(opts(3), None)                 # no local Ray (or a joined cluster): not judged
+
+
+def test_a_training_run_must_leave_a_cpu_for_ray_data_on_a_local_ray(monkeypatch):
+    from types import SimpleNamespace
+
+    from genseg.errors import InputError
+    from jobs.runtime import check_room_for_data, local_cpus
+
+    check_room_for_data(3.0, 4.0, "3 workers", "fewer")           # one CPU left: enough
+    with pytest.raises(InputError, match=r"^3.5 CPUs leave 0.50 of Ray's 4 CPUs for Ray Data.*; fewer$"):
+        check_room_for_data(3.5, 4.0, "3.5 CPUs", "fewer")
+    check_room_for_data(40.0, None, "anything", "")               # not judged
+    # a cluster joined by address is not judged by its size now (an autoscaler may grow it)
+    assert local_cpus(SimpleNamespace(ray_address="10.0.0.1:6379")) is None
+    assert local_cpus(SimpleNamespace(ray_address="auto")) is None
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    assert local_cpus(SimpleNamespace(ray_address=None)) == 4.0
