@@ -4,7 +4,7 @@
 # resolution, 20 epochs, two one-thread trials at a time), the winner's test-time augmentation, and
 # photometric augmentation, a wider scale range and twice the epochs against the base recipe, paired by seed.
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 200 minutes on 2 cores (the paired-seed searches at the end, 130 of them).
+# About 185 minutes on 2 cores (the paired-seed searches at the end, about 115 of them).
 # Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
