@@ -95,6 +95,16 @@ def _steps(text: str) -> int:
     return v
 
 
+def _champion_flags(p, what: str) -> None:
+    """--promote and --champion-margin: how a new model version may take the champion alias."""
+    p.add_argument("--promote", action="store_true",
+                   help=f"make {what} the champion even if the champion was scored on other data")
+    p.add_argument("--champion-margin", type=_finite_nonneg("--champion-margin"), default=0.0, metavar="M",
+                   help="take the champion alias only by beating its score by more than M, in the score's units "
+                        "(mIoU is a fraction: 1.5 points is 0.015); e.g. the recipe's seed-to-seed sd. "
+                        "Default 0: any gain")
+
+
 def _finite_nonneg(name: str):
     """An argparse type: a finite float >= 0, the error naming ``name``."""
     def parse(text: str) -> float:
@@ -225,12 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "holdout, from `genseg prepare --holdout SEQ`); every split but train is scored each epoch")
     p.add_argument("--run-name", help="name of the run; re-use it to resume")
     p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts before giving up")
-    p.add_argument("--promote", action="store_true",
-                   help="make this run's model the champion even if the champion was scored on other data")
-    p.add_argument("--champion-margin", type=_finite_nonneg("--champion-margin"), default=0.0, metavar="M",
-                   help="take the champion alias only by beating its score by more than M, in the score's units "
-                        "(mIoU is a fraction: 1.5 points is 0.015); e.g. the recipe's seed-to-seed sd. "
-                        "Default 0: any gain")
+    _champion_flags(p, "this run's model")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--json", help="write the run summary here")
     _runtime_flags(p)
@@ -337,12 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-fraction", type=float,
                    help="sampling objective: samples' segmenter mIoU must reach this fraction of the real ceiling "
                         "(default 0.9)")
-    p.add_argument("--promote", action="store_true",
-                   help="make the winner the champion even if the champion was scored on other data")
-    p.add_argument("--champion-margin", type=_finite_nonneg("--champion-margin"), default=0.0, metavar="M",
-                   help="take the champion alias only by beating its score by more than M, in the score's units "
-                        "(mIoU is a fraction: 1.5 points is 0.015); e.g. the recipe's seed-to-seed sd. "
-                        "Default 0: any gain")
+    _champion_flags(p, "the winner")
     p.add_argument("--json", help="write the search summary (all trials, best config and metrics) here")
     _runtime_flags(p)
 
@@ -789,6 +789,7 @@ def cmd_tune(args, rt) -> int:
     opts = tune_options(args)
     with hold_run(rt.workdir, args.name, f"tune-{args.task}") as name:
         opts = dataclasses.replace(opts, name=name)
+        tune.check_same_search(opts, rt)       # before Ray starts or MLflow is touched
         try:
             prepare_tracking(rt, "genseg-seg" if args.task == "seg" else "genseg-diffusion")
             init_ray(rt)

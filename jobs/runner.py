@@ -31,6 +31,7 @@ from genseg import config as config_lib
 from genseg import engine
 from genseg import rng as rng_lib
 from genseg.data.shards import COLUMNS, LATENT, decode_batch, encode_row
+from jobs.runtime import check_room_for_data, local_cpus
 
 
 @dataclass(frozen=True)
@@ -435,8 +436,6 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     check_resumable(task, rt.workdir / "ray" / run_name, cfg, run_name)
     tracking.check_margin(champion_margin)      # refused before training, not after it
     elastic = isinstance(workers, (tuple, list))
-    from jobs.runtime import check_room_for_data, local_cpus
-
     most = max(workers) if elastic else workers
     check_room_for_data(most * cpus_per_worker, local_cpus(rt), f"{describe_workers(workers)} worker(s) x "
                         f"{cpus_per_worker:g} CPU", "lower --workers or --cpus-per-worker, or give Ray more CPUs: "

@@ -20,9 +20,10 @@
 with ASHA on val mIoU through the same code path.
 
 Each search is resumable: rerun it with the same ``--name`` and finished trials are kept, not
-rerun (``Tuner.restore``); a finished stage is not searched again.  The winner is registered as a
-new model version (the diffusion winner with its tuned sampling settings stored in the checkpoint
-and on the version) and takes ``champion`` under the usual rule.
+rerun (``Tuner.restore``); a finished stage is not searched again.  The restored search keeps the
+settings it was started with, so a rerun asking for others is refused (:func:`check_same_search`).
+The winner is registered as a new model version (the diffusion winner with its tuned sampling
+settings stored in the checkpoint and on the version) and takes ``champion`` under the usual rule.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from typing import Any
 from genseg import config as config_lib
 from genseg.errors import InputError
 from genseg.tuning import Objective, SearchSpace, SpaceError, TrialRow, format_table, rank
+from jobs.runtime import DATA_TASK_CPU, check_room_for_data, local_cpus
 
 TUNE_TAG = "genseg.tune"
 STATUS_TAG = "genseg.tune.status"
@@ -99,23 +101,18 @@ def check_training_fits(opts: TuneOptions, cluster_cpus: float | None) -> None:
     """Training trials at once hold ``workers x cpus_per_worker`` CPUs each (and a sliver for their
     driver); what is left must take one Ray Data read task, or every trial waits for its data forever
     (on 4 logical CPUs, three one-worker trials leave 0.97).  ``cluster_cpus`` None: not judged."""
-    from jobs.runtime import DATA_TASK_CPU, check_room_for_data
-
     if all(stage == "sampling" for stage in opts.stages):
         return
     concurrent = opts.max_concurrent or 1
     per_trial = opts.workers * opts.cpus_per_worker + TRIAL_DRIVER_CPU
     fit = int(((cluster_cpus or 0) - DATA_TASK_CPU + 1e-9) // per_trial)
-    try:
-        check_room_for_data(concurrent * per_trial, cluster_cpus,
-                            (f"--max-concurrent {concurrent}: " if opts.max_concurrent else "")
-                            + f"{concurrent} training trial(s) at once of {opts.workers} worker(s) x "
-                              f"{opts.cpus_per_worker:g} CPU",
-                            (f"at most {fit} fit at once" if fit else "not even one fits")
-                            + " (lower --max-concurrent, --workers or --cpus-per-worker, or give Ray more CPUs: "
-                              "GENSEG_NUM_CPUS)")
-    except InputError as e:
-        raise TuneError(str(e)) from None
+    check_room_for_data(concurrent * per_trial, cluster_cpus,
+                        (f"--max-concurrent {concurrent}: " if opts.max_concurrent else "")
+                        + f"{concurrent} training trial(s) at once of {opts.workers} worker(s) x "
+                          f"{opts.cpus_per_worker:g} CPU",
+                        (f"at most {fit} fit at once" if fit else "not even one fits")
+                        + " (lower --max-concurrent, --workers or --cpus-per-worker, or give Ray more CPUs: "
+                          "GENSEG_NUM_CPUS)")
 
 
 # ------------------------------------------------------------------ spaces
@@ -322,8 +319,10 @@ def _short(v) -> str:
 
 
 def _tuner(trainable, space: SearchSpace, opts: TuneOptions, rt, stage: str, metric: str, mode: str,
-           scheduler=None, total: int | None = None, max_t: int | None = None, experiment: str | None = None):
-    """A new Tuner for ``stage``, or the interrupted one restored (finished trials are kept)."""
+           scheduler=None, total: int | None = None, max_t: int | None = None, experiment: str | None = None,
+           inputs: dict | None = None):
+    """A new Tuner for ``stage`` (its settings and ``inputs`` recorded), or the interrupted one
+    restored (finished trials are kept) if it was started on the same ``inputs``."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
@@ -340,6 +339,7 @@ def _tuner(trainable, space: SearchSpace, opts: TuneOptions, rt, stage: str, met
 
     progress = _progress_callback(stage, metric, total, max_t, mark)
     if tune.Tuner.can_restore(str(exp_dir)):
+        _check_inputs(opts, rt, stage, inputs or {})
         print(f"[{stage}] resuming the search in {exp_dir}: finished trials are kept")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
         run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
@@ -347,8 +347,9 @@ def _tuner(trainable, space: SearchSpace, opts: TuneOptions, rt, stage: str, met
             run_config.verbose = 0
             run_config.callbacks = [progress]
         return tuner
+    _record_stage(opts, rt, stage, inputs or {})
     param_space = ray_space(space, opts.search)
-    concurrent = opts.max_concurrent or (1 if stage != "sampling" else 2)
+    concurrent = _concurrency(opts, stage)
     if opts.search == "tpe":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -414,21 +415,125 @@ def _state_file(rt, name: str) -> Path:
     return rt.workdir / "tune" / name / "genseg_state.json"
 
 
+# What a stage's trials are made of.  A rerun of a search resumes Ray Tune's saved experiment, whose
+# space, concurrency and base recipe were fixed when it started: a rerun that asks for others would get
+# the old ones without a word, so it is refused.  (--promote, --champion-margin, --json and the runtime
+# flags act outside the trials and may change.)
+_COMMON_FIELDS = ("data", "search", "samples", "max_concurrent", "seed", "gpu")
+_STAGE_FIELDS = {
+    "training": ("base", "workers", "cpus_per_worker", "grace_epochs", "reduction_factor", "class_weights"),
+    "sampling": ("cpus_per_trial", "num", "split", "batch_size", "model", "segmenter", "objective"),
+}
+
+
+def _concurrency(opts: TuneOptions, stage: str) -> int:
+    """Trials of ``stage`` at once: ``--max-concurrent``, else 1 training trial or 2 sampling trials."""
+    return opts.max_concurrent or (1 if stage != "sampling" else 2)
+
+
+def _definition_file(rt, name: str) -> Path:
+    return rt.workdir / "tune" / name / "genseg_definition.json"
+
+
+def stage_definition(opts: TuneOptions, stage: str) -> dict:
+    """The settings that shape ``stage``'s trials, as plain JSON values, one key per field
+    (``space.lr``, ``base.epochs``, ``max_concurrent`` ...)."""
+    from dataclasses import asdict, is_dataclass
+
+    out = {f"space.{k}": v for k, v in opts.spaces[stage].to_dict().items()}
+    for f in _COMMON_FIELDS + _STAGE_FIELDS["sampling" if stage == "sampling" else "training"]:
+        v = getattr(opts, f)
+        if f == "data":
+            v = str(Path(v).resolve())
+        elif f == "max_concurrent":
+            v = _concurrency(opts, stage)
+        elif f in ("model", "segmenter") and v is not None and "://" not in v and not v.startswith("models:"):
+            v = str(Path(v).resolve())           # a local checkpoint directory, however it was written
+        if is_dataclass(v) and not isinstance(v, type):
+            out.update({f"{f}.{k}": sub for k, sub in asdict(v).items()})
+        else:
+            out[f] = v
+    return json.loads(json.dumps(out, default=str))     # tuples as lists, as they come back from the file
+
+
+def _load_definitions(rt, name: str) -> dict:
+    return _read_json(_definition_file(rt, name), f"rerun search '{name}' without checking its settings")
+
+
+def _started(rt, name: str, stage: str) -> bool:
+    """Whether ``stage`` of search ``name`` has anything to resume: Tune's experiment or its result."""
+    return (rt.workdir / "tune" / name / stage).exists() or stage in _load_state(rt, name)
+
+
+def _differences(was: dict, now: dict) -> list[str]:
+    return [f"{key} {_shown(was.get(key))} then, {_shown(now.get(key))} now"
+            for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key)]
+
+
+def _refuse(name: str, rt, diffs: list[str]) -> None:
+    if diffs:
+        raise TuneError(f"search '{name}' was started with other settings ({'; '.join(diffs)}), and rerunning it "
+                        f"resumes the search as it was started: rerun it with the same settings to continue it, or "
+                        f"give a new --name (or remove {rt.workdir / 'tune' / name} to start it again)")
+
+
+def check_same_search(opts: TuneOptions, rt) -> None:
+    """Refuse a rerun of search ``opts.name`` whose started stages would be resumed with other
+    settings than they were started with, naming each one that differs.  A stage that never
+    started (or was recorded and interrupted before Tune wrote anything) is not judged."""
+    recorded = _load_definitions(rt, opts.name)
+    diffs = []
+    for stage in opts.stages:
+        was = recorded.get(stage)
+        if was is not None and _started(rt, opts.name, stage):
+            diffs += _differences(was.get("settings", {}), stage_definition(opts, stage))
+    _refuse(opts.name, rt, diffs)
+
+
+def _shown(v) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _record_stage(opts: TuneOptions, rt, stage: str, inputs: dict) -> None:
+    """Record ``stage``'s settings, and the inputs it resolved (the model a sampling stage tunes),
+    as it starts afresh."""
+    recorded = _load_definitions(rt, opts.name)
+    recorded[stage] = {"settings": stage_definition(opts, stage), "inputs": inputs}
+    _write_json(_definition_file(rt, opts.name), recorded)
+
+
+def _check_inputs(opts: TuneOptions, rt, stage: str, inputs: dict) -> None:
+    """On resuming ``stage``: the inputs it resolved now (a champion alias may have moved, or the
+    stage before it not have run) must be those it started on."""
+    was = _load_definitions(rt, opts.name).get(stage)
+    if was is not None:
+        _refuse(opts.name, rt, _differences(was.get("inputs", {}), inputs))
+
+
 def _load_state(rt, name: str) -> dict:
-    f = _state_file(rt, name)
+    return _read_json(_state_file(rt, name), f"run search '{name}' again from its Tune state")
+
+
+def _save_state(rt, name: str, state: dict) -> None:
+    _write_json(_state_file(rt, name), state)
+
+
+def _read_json(f: Path, fix: str) -> dict:
+    """A search's own JSON record, {} if there is none; unreadable: one line saying how to go on."""
     if not f.is_file():
         return {}
     try:
         return json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
-        raise TuneError(f"{f} is unreadable; remove it to run search '{name}' again from its Tune state") from None
+        raise TuneError(f"{f} is unreadable; remove it to {fix}") from None
 
 
-def _save_state(rt, name: str, state: dict) -> None:
-    f = _state_file(rt, name)
+def _write_json(f: Path, doc: dict) -> None:
+    """Write ``doc`` to ``f`` whole or not at all (a temporary file renamed over it)."""
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
     tmp.replace(f)
 
 
@@ -494,6 +599,7 @@ def run_sampling_stage(opts: TuneOptions, rt, parent_run_id: str, model_dir: Pat
     """A search over sampler, steps and guidance on one checkpoint (no training)."""
     from ray import tune
 
+    from genseg.checkpoint import weights_digest
     from genseg.loading import load
     from jobs import eval_gen
 
@@ -521,7 +627,9 @@ def run_sampling_stage(opts: TuneOptions, rt, parent_run_id: str, model_dir: Pat
     print(f"[sampling] objective: {opts.objective.describe()}")
     t0 = time.perf_counter()
     grid = _tuner(trainable, space, opts, rt, "sampling", "objective", "min", None, total,
-                  experiment="genseg-diffusion").fit()
+                  experiment="genseg-diffusion",
+                  inputs={"model weights": weights_digest(model_dir)[:16],
+                          "segmenter weights": weights_digest(seg_dir)[:16]}).fit()
     seconds = round(time.perf_counter() - t0, 1)
     lookup = _trial_runs(rt, "genseg-diffusion", opts.name)
     keys = ["objective", "fd", "fd_std", "kid", "seg_miou_samples", "seg_miou_fraction_of_ceiling", "feasible",
@@ -623,9 +731,8 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
     from genseg import tracking
 
     tracking.check_margin(opts.champion_margin)     # before any trial, not when the winner is registered
-    from jobs.runtime import local_cpus
-
     check_training_fits(opts, local_cpus(rt))       # a cluster we joined may still grow (an autoscaler)
+    check_same_search(opts, rt)                     # before anything of the rerun is written
     experiment = "genseg-seg" if task == "seg" else "genseg-diffusion"
     if not rt.verbose:       # Tune's trial tables and tracebacks: the progress lines say what happened
         import logging

@@ -227,6 +227,20 @@ def folder(*extra: str):
     return build
 
 
+def tune_started(d: Path) -> list[str]:
+    """A search 's' started (its settings recorded, Tune's experiment begun) with the default one trial
+    at a time; the argv reruns it with --max-concurrent 2."""
+    from types import SimpleNamespace
+
+    from jobs.cli import build_parser, tune_options
+    from jobs.tune import _record_stage
+
+    first = ["tune", "seg", "--data", str(write_shards(d / "shards")), "--name", "s"]
+    _record_stage(tune_options(build_parser().parse_args(first)), SimpleNamespace(workdir=d / "wd"), "seg", {})
+    (d / "wd" / "tune" / "s" / "seg").mkdir(parents=True)
+    return [*first, "--max-concurrent", "2"]
+
+
 CASES = [
     # prepare: flags
     Case("prepare-val-fraction-above-1", synth("--val-fraction", "1.5"), "--val-fraction must be at least 0 and below 1"),
@@ -273,6 +287,9 @@ CASES = [
     Case("train-workers-leave-no-cpu-for-ray-data", train(shards(), "--workers", "4", "--batch-size", "2"),
          "4 worker(s) x 1 CPU leave 0.00 of Ray's 4 CPUs for Ray Data, whose read tasks need 1 each, so training "
          "would wait for its data forever; lower --workers or --cpus-per-worker", ray=True),
+    Case("tune-rerun-with-other-settings", tune_started,
+         "search 's' was started with other settings (max_concurrent 1 then, 2 now), and rerunning it resumes the "
+         "search as it was started"),
     Case("tune-nan-champion-margin", lambda d: ["tune", "seg", "--data", str(shards()(d)), "--champion-margin", "nan"],
          "--champion-margin must be a finite number >= 0, got 'nan'", code=2),
     Case("train-run-in-progress", train(shards(), "--run-name", "busy"), f"run 'busy' is in progress in another "

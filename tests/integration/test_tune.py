@@ -107,9 +107,21 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     assert out.count("not searched again") == 2 and "already registered" in out
     assert len(_runs(uri, "genseg-diffusion", res["mlflow_run_id"])) == 5
 
+    # a rerun asking for another space would resume the search as it was started: refused in one line,
+    # naming what differs, with nothing of the search changed
+    state = tmp_path / "wd" / "tune" / "t" / "genseg_state.json"
+    kept = state.read_bytes()
+    other = _space(tmp_path / "other.yaml", {"schedule": {"lr": [0.003, 1e-9, 0.01], "schedule": ["linear"]},
+                                             "sampling": {"guidance": [0, 1, 3], "sampler": ["ddim"], "steps": [3]}})
+    capsys.readouterr()
+    assert main([other if a == space else a for a in cmd]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "search 't' was started with other settings" in err
+    assert "(space.lr [0.003, 1e-09] then, [0.003, 1e-09, 0.01] now)" in err
+    assert state.read_bytes() == kept and len(_runs(uri, "genseg-diffusion", res["mlflow_run_id"])) == 5
+
     # an interrupted sampling stage (its trials done, the stage not yet recorded) continues from Tune's
     # state: no trial runs again
-    state = tmp_path / "wd" / "tune" / "t" / "genseg_state.json"
     doc = json.loads(state.read_text())
     del doc["sampling"], doc["registered"]
     state.write_text(json.dumps(doc))

@@ -189,20 +189,21 @@ def test_tune_passes_the_champion_margin_to_the_search(tmp_path):
 
 
 def test_training_trials_at_once_must_leave_a_cpu_for_ray_data():
-    from jobs.tune import TuneError, TuneOptions, check_training_fits
+    from genseg.errors import InputError
+    from jobs.tune import TuneOptions, check_training_fits
 
     def opts(concurrent, workers=1, cpus=1.0, stages=("seg",)):
         return TuneOptions(data="d", name="s", stages=stages, spaces={}, base=SegConfig(), max_concurrent=concurrent,
                            workers=workers, cpus_per_worker=cpus)
 
     check_training_fits(opts(2), 4.0)                  # 2.02 CPUs held, 1.98 left for Ray Data
-    with pytest.raises(TuneError) as e:                # 3.03 held leaves 0.97: the trials wait forever
+    with pytest.raises(InputError) as e:                # 3.03 held leaves 0.97: the trials wait forever
         check_training_fits(opts(3), 4.0)
     assert "--max-concurrent 3" in str(e.value) and "leave 0.97 of Ray's 4 CPUs" in str(e.value)
     assert "at most 2 fit at once" in str(e.value)
     check_training_fits(opts(3, cpus=0.5), 4.0)        # half-CPU workers: 1.53 held
     check_training_fits(opts(None, workers=2), 4.0)    # the default, one trial: 2.01 held
-    with pytest.raises(TuneError) as e:                # 3.01 held leaves 0.99
+    with pytest.raises(InputError) as e:                # 3.01 held leaves 0.99
         check_training_fits(opts(None, workers=3), 4.0)
     assert str(e.value).startswith("1 training trial(s) at once of 3 worker(s)") and "not even one fits" in str(e.value)
     check_training_fits(opts(8, stages=("sampling",)), 4.0)   # sampling trials read no shards through Ray Data
@@ -227,3 +228,61 @@ def test_a_training_run_must_leave_a_cpu_for_ray_data_on_a_local_ray(monkeypatch
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     assert local_cpus(SimpleNamespace(ray_address=None)) == 4.0
+
+
+def test_a_rerun_of_a_search_with_other_settings_is_refused_naming_each_one(tmp_path):
+    """Rerunning a search resumes Ray Tune's saved experiment as it was started (its space, its
+    concurrency, its base recipe): a rerun asking for others would silently get the old ones."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from jobs.tune import TuneError, TuneOptions, _check_inputs, _record_stage, check_same_search
+
+    rt = SimpleNamespace(workdir=tmp_path)
+    seeds = SearchSpace.parse({"seed": [0, 1, 2]}, "seg")
+    first = TuneOptions(data=str(tmp_path / "shards"), name="s", stages=("seg",), spaces={"seg": seeds},
+                        base=SegConfig(width=64, crop=(8, 8)), max_concurrent=3)
+    check_same_search(first, rt)                    # nothing recorded yet: nothing to judge
+    _record_stage(first, rt, "seg", {})
+    # recorded, but interrupted before Tune wrote anything: nothing to resume, so not judged
+    check_same_search(replace(first, max_concurrent=2), rt)
+    (tmp_path / "tune" / "s" / "seg").mkdir(parents=True)      # Tune's experiment: now it can be resumed
+    check_same_search(first, rt)                    # the same command again continues it
+    # what acts after the search (registration) may change; so may an equivalent spelling of the same
+    check_same_search(replace(first, promote=True, champion_margin=0.01, data=str(tmp_path / "x" / ".." / "shards")),
+                      rt)
+
+    def refused(opts) -> str:
+        with pytest.raises(TuneError) as e:
+            check_same_search(opts, rt)
+        assert str(e.value).startswith(f"search '{opts.name}' was started with other settings (")
+        assert "give a new --name" in str(e.value) and "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "max_concurrent 3 then, 2 now" in refused(replace(first, max_concurrent=2))
+    assert "space.seed [0, 1, 2] then, [0, 1, 2, 3] now" in refused(
+        replace(first, spaces={"seg": SearchSpace.parse({"seed": [0, 1, 2, 3]}, "seg")}))
+    both = refused(replace(first, base=SegConfig(width=32, epochs=40, crop=(8, 8))))
+    assert "base.width 64 then, 32 now" in both and f"base.epochs {SegConfig().epochs} then, 40 now" in both
+    assert "base.crop [8, 8] then, [8, 16] now" in refused(replace(first, base=SegConfig(width=64, crop=(8, 16))))
+    assert "data " in refused(replace(first, data=str(tmp_path / "other")))
+    # the default concurrency (one training trial) and --max-concurrent 1 are the same search
+    one = replace(first, name="one", max_concurrent=None)
+    _record_stage(one, rt, "seg", {})
+    (tmp_path / "tune" / "one" / "seg").mkdir(parents=True)
+    check_same_search(replace(one, max_concurrent=1), rt)
+    assert "max_concurrent 1 then, 2 now" in refused(replace(one, max_concurrent=2))
+
+    # a sampling stage is pinned to the model it tuned: a champion alias that moved is refused on resume
+    samp = TuneOptions(data=str(tmp_path / "shards"), name="g", stages=("sampling",),
+                       spaces={"sampling": SearchSpace.parse({"guidance": [0, 1]}, "sampling")}, base=None)
+    _record_stage(samp, rt, "sampling", {"model weights": "aaaa", "segmenter weights": "bbbb"})
+    _check_inputs(samp, rt, "sampling", {"model weights": "aaaa", "segmenter weights": "bbbb"})
+    with pytest.raises(TuneError, match='model weights "aaaa" then, "cccc" now'):
+        _check_inputs(samp, rt, "sampling", {"model weights": "cccc", "segmenter weights": "bbbb"})
+    (tmp_path / "tune" / "g" / "sampling").mkdir(parents=True)
+    assert "num 64 then, 8 now" in refused(replace(samp, num=8))
+
+    # a stage Tune holds state for without a record (a search older than the records) is not judged
+    (tmp_path / "tune" / "old" / "seg").mkdir(parents=True)
+    check_same_search(replace(first, name="old", max_concurrent=2), rt)
