@@ -2,9 +2,10 @@
 # Issue 14's recipe screen on 2 CPU cores: `genseg tune seg` grids on CamVid with the holdout
 # sequence as the objective (bench/configs/camvid_screen_cpu.yaml: compact FCN-8s at half
 # resolution, 20 epochs, two one-thread trials at a time), the winner's test-time augmentation, and
-# photometric augmentation, a wider scale range and twice the epochs against the base recipe, paired by seed.
+# photometric augmentation, a wider scale range, twice the epochs and twice the width against the
+# base recipe, paired by seed, and photometric augmentation on top of twice the epochs.
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 185 minutes on 2 cores (the paired-seed searches at the end, about 115 of them).
+# About 260 minutes on 2 cores (the paired-seed searches at the end, about 190 of them).
 # Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
@@ -43,3 +44,7 @@ search photometric_strong tune_seg_holdout_seeds --set jitter=0.5 --set gamma=0.
 search scale_wide tune_seg_holdout_seeds --set scale_min=0.25 --set scale_max=1.0
 # training length: 40 epochs instead of 20 (the poly schedule stretched to match) at seeds 0-2
 search epochs40 tune_seg_holdout_seeds --epochs 40 --grace-epochs 40
+# width: the compact backbone at width 64 instead of 32, at seeds 0-3 (two rounds of two trials)
+search width64 tune_seg_holdout_seeds0123 --set width=64
+# photometric augmentation on top of 40 epochs, at seeds 0-3, paired with the 40-epoch arm
+search epochs40_photometric tune_seg_holdout_seeds0123 --epochs 40 --grace-epochs 40 "${PHOTO[@]}"

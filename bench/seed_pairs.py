@@ -1,6 +1,7 @@
 """Recipe changes against the base recipe on the 2-core holdout screen, paired by seed
-(bench/README.md, issue 14): photometric augmentation at two strengths, a wider scale range and
-twice the epochs.
+(bench/README.md, issue 14): photometric augmentation at two strengths, a wider scale range,
+twice the epochs, twice the width; and photometric augmentation on top of twice the epochs, paired
+with twice the epochs alone.
 Reads the rows that bench/holdout_screen_table.py wrote (--out).
 
     .venv/bin/python bench/seed_pairs.py bench/results/tune_holdout_screen_table.json
@@ -24,7 +25,11 @@ ARMS = {
     "photometric 0.5": [("tune_holdout_photometric_strong", {}, None)],
     "scale 0.25-1.0": [("tune_holdout_scale_wide", {}, None)],
     "40 epochs": [("tune_holdout_epochs40", {}, None)],
+    "width 64": [("tune_holdout_width64", {}, None)],
+    "40 epochs + photometric 0.3": [("tune_holdout_epochs40_photometric", {}, None)],
 }
+# (arm, the arm it is paired with): every arm against the base, and the combination against 40 epochs alone
+PAIRS = [*((a, "base") for a in ARMS if a != "base"), ("40 epochs + photometric 0.3", "40 epochs")]
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}   # t, two-sided 95 %
 
 
@@ -49,21 +54,23 @@ def main() -> None:
           + f"  (mean {statistics.mean(r['holdout_last'] for r in base.values()):.1f}, "
           f"sd {statistics.stdev(r['holdout_last'] for r in base.values()):.1f})")
     print()
-    print("| arm - base, same seed | n | metric | differences by seed | mean | sd | 95 % interval (t) |")
+    print("| arm - reference, same seed | n | metric | differences by seed | mean | sd | 95 % interval (t) |")
     print("|---|---|---|---|---|---|---|")
-    for name in (a for a in ARMS if a != "base"):
-        seeds = sorted(set(arms[name]) & set(base))
+    for name, ref_name in PAIRS:
+        ref = arms[ref_name]
+        seeds = sorted(set(arms[name]) & set(ref))
         if not seeds:
-            print(f"| {name} | 0 | (no trials in the table) | | | | |")
+            print(f"| {name} - {ref_name} | 0 | (no trials in the table) | | | | |")
             continue
         for key, label in (("holdout_last", "holdout, last"), ("holdout_last3", "holdout, mean of last 3"),
                            ("val_last", "val, last")):
-            d = [arms[name][s][key] - base[s][key] for s in seeds]
+            d = [arms[name][s][key] - ref[s][key] for s in seeds]
             m = statistics.mean(d)
             sd = statistics.stdev(d) if len(d) > 1 else float("nan")
             half = T975.get(len(d) - 1, 2.0) * sd / len(d) ** 0.5
             by_seed = ", ".join(f"{v:+.1f}" for v in d)
-            print(f"| {name} | {len(d)} | {label} | {by_seed} | {m:+.1f} | {sd:.1f} | {m - half:+.1f} to {m + half:+.1f} |")
+            print(f"| {name} - {ref_name} | {len(d)} | {label} | {by_seed} | {m:+.1f} | {sd:.1f} | "
+                  f"{m - half:+.1f} to {m + half:+.1f} |")
 
 
 if __name__ == "__main__":
