@@ -418,11 +418,13 @@ def _state_file(rt, name: str) -> Path:
 # What a stage's trials are made of.  A rerun of a search resumes Ray Tune's saved experiment, whose
 # space, concurrency and base recipe were fixed when it started: a rerun that asks for others would get
 # the old ones without a word, so it is refused.  (--promote, --champion-margin, --json and the runtime
-# flags act outside the trials and may change.)
+# flags act outside the trials and may change.)  The model and segmenter a sampling stage scores with
+# are pinned by their weights, not by how they were named (:func:`_check_inputs`): the same weights
+# named by path and by ``models:/...@champion`` are the same search.
 _COMMON_FIELDS = ("data", "search", "samples", "max_concurrent", "seed", "gpu")
 _STAGE_FIELDS = {
     "training": ("base", "workers", "cpus_per_worker", "grace_epochs", "reduction_factor", "class_weights"),
-    "sampling": ("cpus_per_trial", "num", "split", "batch_size", "model", "segmenter", "objective"),
+    "sampling": ("cpus_per_trial", "num", "split", "batch_size", "objective"),
 }
 
 
@@ -447,8 +449,6 @@ def stage_definition(opts: TuneOptions, stage: str) -> dict:
             v = str(Path(v).resolve())
         elif f == "max_concurrent":
             v = _concurrency(opts, stage)
-        elif f in ("model", "segmenter") and v is not None and "://" not in v and not v.startswith("models:"):
-            v = str(Path(v).resolve())           # a local checkpoint directory, however it was written
         if is_dataclass(v) and not isinstance(v, type):
             out.update({f"{f}.{k}": sub for k, sub in asdict(v).items()})
         else:
@@ -732,6 +732,8 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
 
     tracking.check_margin(opts.champion_margin)     # before any trial, not when the winner is registered
     check_training_fits(opts, local_cpus(rt))       # a cluster we joined may still grow (an autoscaler)
+    # `genseg tune` checks this before it starts Ray (on its main thread, for Ray's signal handlers;
+    # this runs in a helper thread): checked again here for any other caller
     check_same_search(opts, rt)                     # before anything of the rerun is written
     experiment = "genseg-seg" if task == "seg" else "genseg-diffusion"
     if not rt.verbose:       # Tune's trial tables and tracebacks: the progress lines say what happened
@@ -760,7 +762,8 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
     model_dir, model_run = None, parent
     try:
         for stage in opts.stages:
-            if stage in state:
+            earlier = stage in state
+            if earlier:
                 print(f"[{stage}] finished in an earlier run of '{opts.name}': not searched again")
                 res = state[stage]
                 print(res["table"])
@@ -778,15 +781,16 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
             best = res.get("best")
             if best is None:
                 raise TuneError(f"[{stage}] no trial finished, so there is nothing to carry on with or promote")
-            state[stage] = res
-            _save_state(rt, opts.name, state)
+            if not earlier:          # logged, then recorded as finished: a rerun adds nothing to either
+                for k, v in (best["metrics"] or {}).items():
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        client.log_metric(parent, f"{stage}.best.{k}", float(v))
+                client.log_text(parent, res["table"], f"{stage}_trials.txt")
+                state[stage] = res
+                _save_state(rt, opts.name, state)
             out["stages"][stage] = res
             if stage != "sampling":
                 model_dir, model_run = Path(best["checkpoint"]), best["mlflow_run_id"] or parent
-            for k, v in (best["metrics"] or {}).items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    client.log_metric(parent, f"{stage}.best.{k}", float(v))
-            client.log_text(parent, res["table"], f"{stage}_trials.txt")
         if model_dir is None:                # sampling alone: the model it tuned
             model_dir = _model_dir(opts, rt)
         sampling, keep_own = None, False

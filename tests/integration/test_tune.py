@@ -106,6 +106,8 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     out = capsys.readouterr().out
     assert out.count("not searched again") == 2 and "already registered" in out
     assert len(_runs(uri, "genseg-diffusion", res["mlflow_run_id"])) == 5
+    # ... and nothing is logged again to the search's run
+    assert len(client.get_metric_history(res["mlflow_run_id"], "sampling.best.objective")) == 1
 
     # a rerun asking for another space would resume the search as it was started: refused in one line,
     # naming what differs, with nothing of the search changed
@@ -125,6 +127,22 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     doc = json.loads(state.read_text())
     del doc["sampling"], doc["registered"]
     state.write_text(json.dumps(doc))
+    # ... but not with another segmenter than the one its trials scored with: that is another search
+    # (refused when Tune's experiment is about to be restored, after the settings check let it through)
+    from genseg.config import SegConfig
+    from genseg.models import build_segmenter
+
+    cfg = SegConfig(num_classes=7, width=8)
+    other_seg = ck.save(tmp_path / "seg2", build_segmenter(cfg), cfg, epoch=0,
+                        classes=json.loads((shards / "manifest.json").read_text())["classes"])
+    assert ck.weights_digest(other_seg) != ck.weights_digest(seg)
+    interrupted, definition = state.read_bytes(), (state.parent / "genseg_definition.json").read_bytes()
+    capsys.readouterr()
+    assert main([str(other_seg) if a == str(seg) else a for a in cmd]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "search 't' was started with other settings (segmenter weights " in err
+    assert state.read_bytes() == interrupted and (state.parent / "genseg_definition.json").read_bytes() == definition
+    assert len(_runs(uri, "genseg-diffusion", res["mlflow_run_id"])) == 5
     capsys.readouterr()
     assert main(cmd) == 0
     out = capsys.readouterr().out

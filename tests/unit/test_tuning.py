@@ -275,13 +275,17 @@ def test_a_rerun_of_a_search_with_other_settings_is_refused_naming_each_one(tmp_
 
     # a sampling stage is pinned to the model it tuned: a champion alias that moved is refused on resume
     samp = TuneOptions(data=str(tmp_path / "shards"), name="g", stages=("sampling",),
-                       spaces={"sampling": SearchSpace.parse({"guidance": [0, 1]}, "sampling")}, base=None)
+                       spaces={"sampling": SearchSpace.parse({"guidance": [0, 1]}, "sampling")}, base=None,
+                       model=str(tmp_path / "ckpt"), segmenter=str(tmp_path / "seg"))
     _record_stage(samp, rt, "sampling", {"model weights": "aaaa", "segmenter weights": "bbbb"})
     _check_inputs(samp, rt, "sampling", {"model weights": "aaaa", "segmenter weights": "bbbb"})
     with pytest.raises(TuneError, match='model weights "aaaa" then, "cccc" now'):
         _check_inputs(samp, rt, "sampling", {"model weights": "cccc", "segmenter weights": "bbbb"})
     (tmp_path / "tune" / "g" / "sampling").mkdir(parents=True)
     assert "num 64 then, 8 now" in refused(replace(samp, num=8))
+    # the model is pinned by its weights, not by its name: the same checkpoint named by its alias is the
+    # same search (were the names judged, this would be refused)
+    check_same_search(replace(samp, model="models:/genseg-diffusion@champion", segmenter="runs:/abc/best"), rt)
 
     # a stage Tune holds state for without a record (a search older than the records) is not judged
     (tmp_path / "tune" / "old" / "seg").mkdir(parents=True)
