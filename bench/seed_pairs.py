@@ -27,7 +27,8 @@ ARMS = {
     "40 epochs": [("tune_holdout_epochs40", {}, None)],
     "width 64": [("tune_holdout_width64", {}, None)],
     "40 epochs + photometric 0.3": [("tune_holdout_epochs40_photometric", {}, None)],
-    "width 64 + 40 epochs + photometric 0.3": [("tune_holdout_width64_epochs40_photometric", {}, None)],
+    "width 64 + 40 epochs + photometric 0.3": [("tune_holdout_width64_epochs40_photometric", {}, None),
+                                               ("tune_holdout_width64_epochs40_photometric_seeds23", {}, None)],
 }
 # (arm, the arm it is paired with): every arm against the base, and the combination against 40 epochs alone
 PAIRS = [*((a, "base") for a in ARMS if a != "base"), ("40 epochs + photometric 0.3", "40 epochs"),
