@@ -322,7 +322,7 @@ def _tuner(trainable, space: SearchSpace, opts: TuneOptions, rt, stage: str, met
            scheduler=None, total: int | None = None, max_t: int | None = None, experiment: str | None = None,
            inputs: dict | None = None):
     """A new Tuner for ``stage`` (its settings and ``inputs`` recorded), or the interrupted one
-    restored (finished trials are kept) if it was started on the same ``inputs``."""
+    restored (finished trials are kept)."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
@@ -338,8 +338,7 @@ def _tuner(trainable, space: SearchSpace, opts: TuneOptions, rt, stage: str, met
                 _finish_children([TrialRow(trial_id, {}, {}, status, mlflow_run_id=run_id)], rt.tracking_uri)
 
     progress = _progress_callback(stage, metric, total, max_t, mark)
-    if tune.Tuner.can_restore(str(exp_dir)):
-        _check_inputs(opts, rt, stage, inputs or {})
+    if _resumable(rt, opts.name, stage):
         print(f"[{stage}] resuming the search in {exp_dir}: finished trials are kept")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
         run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
@@ -366,6 +365,13 @@ def _tuner(trainable, space: SearchSpace, opts: TuneOptions, rt, stage: str, met
                                     scheduler=scheduler, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=stage, storage_path=str(storage), verbose=0, callbacks=[progress],
                                   failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def _resumable(rt, name: str, stage: str) -> bool:
+    """Whether Ray Tune holds an interrupted experiment of ``stage`` that a rerun restores."""
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(rt.workdir / "tune" / name / stage))
 
 
 def _rows(grid, metric_keys: list[str], max_t: int | None, run_lookup) -> list[TrialRow]:
@@ -466,8 +472,12 @@ def _started(rt, name: str, stage: str) -> bool:
 
 
 def _differences(was: dict, now: dict) -> list[str]:
+    """What differs between a record and now.  A space parameter added or dropped differs; any other
+    field only where both sides have it, so a record written when genseg judged other fields (a
+    field since dropped, or one it did not judge yet) is judged on the fields both know."""
+    keys = {k for k in set(was) | set(now) if k.startswith("space.") or (k in was and k in now)}
     return [f"{key} {_shown(was.get(key))} then, {_shown(now.get(key))} now"
-            for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key)]
+            for key in sorted(keys) if was.get(key) != now.get(key)]
 
 
 def _refuse(name: str, rt, diffs: list[str]) -> None:
@@ -603,6 +613,9 @@ def run_sampling_stage(opts: TuneOptions, rt, parent_run_id: str, model_dir: Pat
     from genseg.loading import load
     from jobs import eval_gen
 
+    inputs = {"model weights": weights_digest(model_dir)[:16], "segmenter weights": weights_digest(seg_dir)[:16]}
+    if _resumable(rt, opts.name, "sampling"):       # before the model, the data and the noise floor are loaded
+        _check_inputs(opts, rt, "sampling", inputs)
     gen = load(model_dir, expect="generator")
     if gen.kind != "diffusion":
         raise TuneError(f"{model_dir} is a {gen.kind} model; the sampling search tunes diffusion models "
@@ -627,9 +640,7 @@ def run_sampling_stage(opts: TuneOptions, rt, parent_run_id: str, model_dir: Pat
     print(f"[sampling] objective: {opts.objective.describe()}")
     t0 = time.perf_counter()
     grid = _tuner(trainable, space, opts, rt, "sampling", "objective", "min", None, total,
-                  experiment="genseg-diffusion",
-                  inputs={"model weights": weights_digest(model_dir)[:16],
-                          "segmenter weights": weights_digest(seg_dir)[:16]}).fit()
+                  experiment="genseg-diffusion", inputs=inputs).fit()
     seconds = round(time.perf_counter() - t0, 1)
     lookup = _trial_runs(rt, "genseg-diffusion", opts.name)
     keys = ["objective", "fd", "fd_std", "kid", "seg_miou_samples", "seg_miou_fraction_of_ceiling", "feasible",
@@ -791,8 +802,8 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
             out["stages"][stage] = res
             if stage != "sampling":
                 model_dir, model_run = Path(best["checkpoint"]), best["mlflow_run_id"] or parent
-        if model_dir is None:                # sampling alone: the model it tuned
-            model_dir = _model_dir(opts, rt)
+        if model_dir is None:                # sampling alone, searched in an earlier run
+            model_dir = tuned_model(out["stages"]["sampling"], opts, rt)
         sampling, keep_own = None, False
         if "sampling" in out["stages"]:
             from genseg.generation import SamplingSettings
@@ -824,6 +835,18 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
         client.set_terminated(parent, "KILLED")
         raise
     return out
+
+
+def tuned_model(stage: dict, opts: TuneOptions, rt) -> Path:
+    """The checkpoint a finished sampling stage tuned: its settings are registered with those weights,
+    whatever ``--model`` (e.g. a champion alias that moved since) names now."""
+    if not stage.get("model"):               # a stage recorded before the model was kept with it
+        return _model_dir(opts, rt)
+    path = Path(stage["model"])
+    if not path.is_dir():
+        raise TuneError(f"the model search '{opts.name}' tuned, {path}, is gone, so its settings cannot be "
+                        f"registered with it; give a new --name to search again")
+    return path
 
 
 def _model_dir(opts: TuneOptions, rt) -> Path:

@@ -286,7 +286,38 @@ def test_a_rerun_of_a_search_with_other_settings_is_refused_naming_each_one(tmp_
     # the model is pinned by its weights, not by its name: the same checkpoint named by its alias is the
     # same search (were the names judged, this would be refused)
     check_same_search(replace(samp, model="models:/genseg-diffusion@champion", segmenter="runs:/abc/best"), rt)
+    # a record written when other fields were judged (the model refs, before) or before a field was judged
+    # is judged on the fields both know; a space parameter added or dropped always differs
+    import json
+
+    rec = tmp_path / "tune" / "g" / "genseg_definition.json"
+    doc = json.loads(rec.read_text())
+    doc["sampling"]["settings"]["segmenter"] = "models:/genseg-segmenter@champion"
+    del doc["sampling"]["settings"]["batch_size"]
+    rec.write_text(json.dumps(doc))
+    check_same_search(samp, rt)
+    assert "num 64 then, 8 now" in refused(replace(samp, num=8))
+    assert "space.steps null then, [4] now" in refused(
+        replace(samp, spaces={"sampling": SearchSpace.parse({"guidance": [0, 1], "steps": [4]}, "sampling")}))
 
     # a stage Tune holds state for without a record (a search older than the records) is not judged
     (tmp_path / "tune" / "old" / "seg").mkdir(parents=True)
     check_same_search(replace(first, name="old", max_concurrent=2), rt)
+
+
+def test_a_finished_sampling_search_registers_the_model_it_tuned_not_what_model_names_now(tmp_path):
+    """A sampling search interrupted between its trials and its registration registers, on a rerun,
+    the weights its settings were tuned on, even if --model (a champion alias) names others by then."""
+    from types import SimpleNamespace
+
+    from jobs.tune import TuneError, TuneOptions, tuned_model
+
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    opts = TuneOptions(data=str(tmp_path), name="g", stages=("sampling",), spaces={}, base=None,
+                       model=str(tmp_path / "another"))
+    rt = SimpleNamespace(workdir=tmp_path, tracking_uri=None)
+    assert tuned_model({"model": str(tuned)}, opts, rt) == tuned
+    tuned.rmdir()
+    with pytest.raises(TuneError, match=f"the model search 'g' tuned, {tuned}, is gone"):
+        tuned_model({"model": str(tuned)}, opts, rt)
