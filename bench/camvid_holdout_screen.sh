@@ -5,7 +5,7 @@
 # photometric augmentation, a wider scale range, twice the epochs and twice the width against the
 # base recipe, paired by seed, and photometric augmentation on top of twice the epochs.
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 370 minutes on 2 cores (the paired-seed searches at the end, about 300 of them).
+# About 405 minutes on 2 cores (the paired-seed searches at the end, about 335 of them).
 # Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
@@ -53,5 +53,7 @@ search width64_epochs40_photometric tune_seg_holdout_seeds01 --epochs 40 --grace
     "${PHOTO[@]}" --champion-margin 0.015
 search width64_epochs40_photometric_seeds23 tune_seg_holdout_seeds23 --epochs 40 --grace-epochs 40 --set width=64 \
     "${PHOTO[@]}" --champion-margin 0.015
-# 80 epochs with photometric augmentation at seeds 0-1, paired with the 40-epoch photometric arm
+# 80 epochs with photometric augmentation at seeds 0-3, paired with the 40-epoch photometric arm
 search epochs80_photometric tune_seg_holdout_seeds01 --epochs 80 --grace-epochs 80 "${PHOTO[@]}" --champion-margin 0.015
+search epochs80_photometric_seeds23 tune_seg_holdout_seeds23 --epochs 80 --grace-epochs 80 "${PHOTO[@]}" \
+    --champion-margin 0.015

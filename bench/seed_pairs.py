@@ -28,7 +28,8 @@ ARMS = {
     "40 epochs": [("tune_holdout_epochs40", {}, None)],
     "width 64": [("tune_holdout_width64", {}, None)],
     "40 epochs + photometric 0.3": [("tune_holdout_epochs40_photometric", {}, None)],
-    "80 epochs + photometric 0.3": [("tune_holdout_epochs80_photometric", {}, None)],
+    "80 epochs + photometric 0.3": [("tune_holdout_epochs80_photometric", {}, None),
+                                    ("tune_holdout_epochs80_photometric_seeds23", {}, None)],
     "width 64 + 40 epochs + photometric 0.3": [("tune_holdout_width64_epochs40_photometric", {}, None),
                                                ("tune_holdout_width64_epochs40_photometric_seeds23", {}, None)],
 }
