@@ -320,9 +320,10 @@ def _short(v) -> str:
 
 def _tuner(trainable, space: SearchSpace, opts: TuneOptions, rt, stage: str, metric: str, mode: str,
            scheduler=None, total: int | None = None, max_t: int | None = None, experiment: str | None = None,
-           inputs: dict | None = None):
+           inputs: dict | None = None, resume: bool | None = None):
     """A new Tuner for ``stage`` (its settings and ``inputs`` recorded), or the interrupted one
-    restored (finished trials are kept)."""
+    restored (finished trials are kept).  ``resume``: whether there is one to restore, if the
+    caller has asked already."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
@@ -338,7 +339,9 @@ def _tuner(trainable, space: SearchSpace, opts: TuneOptions, rt, stage: str, met
                 _finish_children([TrialRow(trial_id, {}, {}, status, mlflow_run_id=run_id)], rt.tracking_uri)
 
     progress = _progress_callback(stage, metric, total, max_t, mark)
-    if _resumable(rt, opts.name, stage):
+    if resume is None:
+        resume = _resumable(rt, opts.name, stage)
+    if resume:
         print(f"[{stage}] resuming the search in {exp_dir}: finished trials are kept")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
         run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
@@ -614,7 +617,8 @@ def run_sampling_stage(opts: TuneOptions, rt, parent_run_id: str, model_dir: Pat
     from jobs import eval_gen
 
     inputs = {"model weights": weights_digest(model_dir)[:16], "segmenter weights": weights_digest(seg_dir)[:16]}
-    if _resumable(rt, opts.name, "sampling"):       # before the model, the data and the noise floor are loaded
+    resume = _resumable(rt, opts.name, "sampling")
+    if resume:                  # checked before the model, the data and the noise floor are loaded
         _check_inputs(opts, rt, "sampling", inputs)
     gen = load(model_dir, expect="generator")
     if gen.kind != "diffusion":
@@ -640,7 +644,7 @@ def run_sampling_stage(opts: TuneOptions, rt, parent_run_id: str, model_dir: Pat
     print(f"[sampling] objective: {opts.objective.describe()}")
     t0 = time.perf_counter()
     grid = _tuner(trainable, space, opts, rt, "sampling", "objective", "min", None, total,
-                  experiment="genseg-diffusion", inputs=inputs).fit()
+                  experiment="genseg-diffusion", inputs=inputs, resume=resume).fit()
     seconds = round(time.perf_counter() - t0, 1)
     lookup = _trial_runs(rt, "genseg-diffusion", opts.name)
     keys = ["objective", "fd", "fd_std", "kid", "seg_miou_samples", "seg_miou_fraction_of_ceiling", "feasible",
@@ -792,18 +796,19 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
             best = res.get("best")
             if best is None:
                 raise TuneError(f"[{stage}] no trial finished, so there is nothing to carry on with or promote")
-            if not earlier:          # logged, then recorded as finished: a rerun adds nothing to either
+            # logged, then recorded as finished: a rerun adds nothing to either, unless its MLflow run is
+            # a new one (the search's own was not found, e.g. under another --tracking-uri)
+            if not earlier or not resumed:
                 for k, v in (best["metrics"] or {}).items():
                     if isinstance(v, (int, float)) and math.isfinite(v):
                         client.log_metric(parent, f"{stage}.best.{k}", float(v))
                 client.log_text(parent, res["table"], f"{stage}_trials.txt")
+            if not earlier:
                 state[stage] = res
                 _save_state(rt, opts.name, state)
             out["stages"][stage] = res
             if stage != "sampling":
                 model_dir, model_run = Path(best["checkpoint"]), best["mlflow_run_id"] or parent
-        if model_dir is None:                # sampling alone, searched in an earlier run
-            model_dir = tuned_model(out["stages"]["sampling"], opts, rt)
         sampling, keep_own = None, False
         if "sampling" in out["stages"]:
             from genseg.generation import SamplingSettings
@@ -817,6 +822,9 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
                 print(f"[sampling] the model's own settings {default['settings']} score at least as well as every "
                       f"trial (objective {default['metrics']['objective']:.4g}): they stay")
             stage["chosen"] = {"settings": sampling, "own_settings_kept": keep_own}
+        to_register = "registered" not in state and not (keep_own and opts.stages == ("sampling",))
+        if model_dir is None:                # sampling alone, searched in an earlier run
+            model_dir = tuned_model(out["stages"]["sampling"], opts, must_exist=to_register)
         if keep_own and opts.stages == ("sampling",):
             out["registered"] = None
             print("nothing registered: the tuned model keeps its own sampling settings")
@@ -837,13 +845,12 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
     return out
 
 
-def tuned_model(stage: dict, opts: TuneOptions, rt) -> Path:
+def tuned_model(stage: dict, opts: TuneOptions, must_exist: bool) -> Path:
     """The checkpoint a finished sampling stage tuned: its settings are registered with those weights,
-    whatever ``--model`` (e.g. a champion alias that moved since) names now."""
-    if not stage.get("model"):               # a stage recorded before the model was kept with it
-        return _model_dir(opts, rt)
+    whatever ``--model`` (e.g. a champion alias that moved since) names now.  Checked to be there
+    only where it is still to be registered (``must_exist``)."""
     path = Path(stage["model"])
-    if not path.is_dir():
+    if must_exist and not path.is_dir():
         raise TuneError(f"the model search '{opts.name}' tuned, {path}, is gone, so its settings cannot be "
                         f"registered with it; give a new --name to search again")
     return path

@@ -20,13 +20,17 @@ def data(tmp_path_factory):
     shards = root / "shards"
     assert main(["prepare", "--source", "synthetic", "--num", "40", "--size", "16x24", "--val-fraction", "0.5",
                  "--out", str(shards), "--workdir", str(root / "prep")]) == 0
+    return root, shards, _segmenter(root / "seg", shards)
+
+
+def _segmenter(path, shards):
+    """A small untrained segmenter for the data in ``shards`` (fresh random weights each call)."""
     from genseg.config import SegConfig
     from genseg.models import build_segmenter
 
     cfg = SegConfig(num_classes=7, width=8)
-    seg = ck.save(root / "seg", build_segmenter(cfg), cfg, epoch=0,
-                  classes=json.loads((shards / "manifest.json").read_text())["classes"])
-    return root, shards, seg
+    return ck.save(path, build_segmenter(cfg), cfg, epoch=0,
+                   classes=json.loads((shards / "manifest.json").read_text())["classes"])
 
 
 def _space(path, spec: dict):
@@ -40,7 +44,7 @@ def _runs(uri: str, experiment: str, parent: str):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
 
 
-def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, data, tmp_path, capsys):
+def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, data, tmp_path, capsys, monkeypatch):
     root, shards, seg = data
     wd = str(tmp_path / "wd")
     # the second trial cannot learn (lr 1e-9): ASHA must stop it after its first epoch
@@ -108,6 +112,16 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     assert len(_runs(uri, "genseg-diffusion", res["mlflow_run_id"])) == 5
     # ... and nothing is logged again to the search's run
     assert len(client.get_metric_history(res["mlflow_run_id"], "sampling.best.objective")) == 1
+    # ... unless the search's run is not found (tracked elsewhere): the new run gets each stage's best
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    assert main([*cmd[:-1], str(tmp_path / "elsewhere.json"), "--tracking-uri", elsewhere]) == 0
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")    # mlflow exported it: the commands below track where they did
+    moved = json.loads((tmp_path / "elsewhere.json").read_text())
+    assert moved["mlflow_run_id"] != res["mlflow_run_id"]
+    logged = MlflowClient(elsewhere).get_run(moved["mlflow_run_id"]).data.metrics
+    assert logged["sampling.best.objective"] == pytest.approx(best["metrics"]["objective"])
+    sched_best = res["stages"]["schedule"]["best"]["metrics"]["val_x0_mse"]
+    assert logged["schedule.best.val_x0_mse"] == pytest.approx(sched_best)
 
     # a rerun asking for another space would resume the search as it was started: refused in one line,
     # naming what differs, with nothing of the search changed
@@ -129,12 +143,7 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     state.write_text(json.dumps(doc))
     # ... but not with another segmenter than the one its trials scored with: that is another search
     # (refused when Tune's experiment is about to be restored, after the settings check let it through)
-    from genseg.config import SegConfig
-    from genseg.models import build_segmenter
-
-    cfg = SegConfig(num_classes=7, width=8)
-    other_seg = ck.save(tmp_path / "seg2", build_segmenter(cfg), cfg, epoch=0,
-                        classes=json.loads((shards / "manifest.json").read_text())["classes"])
+    other_seg = _segmenter(tmp_path / "seg2", shards)
     assert ck.weights_digest(other_seg) != ck.weights_digest(seg)
     interrupted, definition = state.read_bytes(), (state.parent / "genseg_definition.json").read_bytes()
     capsys.readouterr()

@@ -308,16 +308,15 @@ def test_a_rerun_of_a_search_with_other_settings_is_refused_naming_each_one(tmp_
 def test_a_finished_sampling_search_registers_the_model_it_tuned_not_what_model_names_now(tmp_path):
     """A sampling search interrupted between its trials and its registration registers, on a rerun,
     the weights its settings were tuned on, even if --model (a champion alias) names others by then."""
-    from types import SimpleNamespace
-
     from jobs.tune import TuneError, TuneOptions, tuned_model
 
     tuned = tmp_path / "tuned"
     tuned.mkdir()
     opts = TuneOptions(data=str(tmp_path), name="g", stages=("sampling",), spaces={}, base=None,
                        model=str(tmp_path / "another"))
-    rt = SimpleNamespace(workdir=tmp_path, tracking_uri=None)
-    assert tuned_model({"model": str(tuned)}, opts, rt) == tuned
+    assert tuned_model({"model": str(tuned)}, opts, must_exist=True) == tuned
     tuned.rmdir()
     with pytest.raises(TuneError, match=f"the model search 'g' tuned, {tuned}, is gone"):
-        tuned_model({"model": str(tuned)}, opts, rt)
+        tuned_model({"model": str(tuned)}, opts, must_exist=True)
+    # registered already (or nothing to register): a deleted checkpoint does not stop the rerun
+    assert tuned_model({"model": str(tuned)}, opts, must_exist=False) == tuned
