@@ -30,6 +30,7 @@ class SegConfig:
     arch: str = "fcn8s"                  # fcn32s | fcn16s | fcn8s
     backbone: str = "compact"            # compact | resnet18 | resnet34 | resnet50
     width: int = 32                      # base channel width of the compact backbone
+    norm: str = "bn"                     # bn | ibn_a | ibn_b (instance norm in the early layers: IBN-Net)
     upsample: str = "learned"            # learned (transposed conv) | bilinear
     num_classes: int = 6                 # filled from the shard manifest when left at 0
     ignore_index: int = 255
@@ -64,6 +65,7 @@ class SegConfig:
     def __post_init__(self) -> None:
         _check_choice(self, "arch", ("fcn32s", "fcn16s", "fcn8s"))
         _check_choice(self, "upsample", ("learned", "bilinear"))
+        _check_choice(self, "norm", ("bn", "ibn_a", "ibn_b"))
         _check_choice(self, "loss", ("ce", "dice", "ce_dice", "ohem", "ohem_dice"))
         _check_choice(self, "optimizer", ("adamw", "sgd"))
         _check_choice(self, "schedule", ("poly", "cosine", "constant"))

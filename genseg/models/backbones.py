@@ -3,6 +3,17 @@ pool4 and pool5 levels) and says how many channels each has.
 
 * ``compact``: a small residual network sized to train from scratch on a CPU.
 * ``resnet18/34/50``: torchvision ResNets, randomly initialised (no weights are downloaded).
+
+``norm`` picks the normalisation of the early layers (Pan et al., "Two at Once: Enhancing Learning
+and Generalization Capacities via IBN-Net", ECCV 2018).  Instance normalisation there removes
+per-image contrast and colour statistics, which change with the camera, the light and the time of day:
+
+* ``bn``: BatchNorm everywhere (the default, and every checkpoint saved before ``norm`` existed);
+* ``ibn_a``: the first conv of each block in the stride-4/8/16 stages normalises half its
+  channels per instance (IN) and half over the batch (BN);
+* ``ibn_b``: the stem's first conv is followed by IN instead of BN, and the last block of the
+  stride-4 and stride-8 stages adds IN after its residual sum.  The network's output is then
+  invariant to a per-image scaling of its (normalised) input: the image's contrast about mid-grey.
 """
 from __future__ import annotations
 
@@ -12,41 +23,71 @@ import torch
 from torch import nn
 
 
-def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+NORMS = ("bn", "ibn_a", "ibn_b")
+
+
+class IBN(nn.Module):
+    """IBN-a's split normalisation: the first ``channels // 2`` channels by InstanceNorm (with
+    affine parameters), the rest by BatchNorm."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.half = channels // 2
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.BN = nn.BatchNorm2d(channels - self.half)
+
+    def forward(self, x):
+        a, b = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
+        return torch.cat([self.IN(a.contiguous()), self.BN(b.contiguous())], dim=1)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    return {"bn": lambda: nn.BatchNorm2d(channels), "in": lambda: nn.InstanceNorm2d(channels, affine=True),
+            "ibn": lambda: IBN(channels)}[kind]()
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1, norm: str = "bn") -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), _norm(norm, cout),
                          nn.ReLU(inplace=True))
 
 
 class _Block(nn.Module):
-    """ResNet basic block: two 3x3 convs and an identity (or 1x1 projection) shortcut."""
+    """ResNet basic block: two 3x3 convs and an identity (or 1x1 projection) shortcut.  ``ibn``:
+    IBN-a's split norm after the first conv; ``in_after``: IBN-b's InstanceNorm after the sum."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1):
+    def __init__(self, cin: int, cout: int, stride: int = 1, ibn: bool = False, in_after: bool = False):
         super().__init__()
-        self.conv1 = _conv_bn(cin, cout, stride)
+        self.conv1 = _conv_bn(cin, cout, stride, "ibn" if ibn else "bn")
         self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
         self.short = (nn.Identity() if stride == 1 and cin == cout else
                       nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
         nn.init.zeros_(self.conv2[1].weight)   # start each block as identity: trains from scratch
+        self.IN = nn.InstanceNorm2d(cout, affine=True) if in_after else None
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x):
-        return self.act(self.conv2(self.conv1(x)) + self.short(x))
+        out = self.conv2(self.conv1(x)) + self.short(x)
+        return self.act(out if self.IN is None else self.IN(out))
 
 
-def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(_Block(cin, cout, stride), *[_Block(cout, cout) for _ in range(blocks - 1)])
+def _stage(cin: int, cout: int, blocks: int, stride: int, norm: str = "bn", early: bool = False) -> nn.Sequential:
+    """``early``: a stage whose blocks IBN changes (stride 4 and 8 for ibn_b, also 16 for ibn_a)."""
+    ibn = early and norm == "ibn_a"
+    in_last = early and norm == "ibn_b"
+    return nn.Sequential(*[_Block(cin if i == 0 else cout, cout, stride if i == 0 else 1, ibn=ibn,
+                                  in_after=in_last and i == blocks - 1) for i in range(blocks)])
 
 
 class CompactBackbone(nn.Module):
     """Widths w, 2w, 4w, 8w at strides 4, 8, 16, 32 (w=32: ~2.8M parameters)."""
 
-    def __init__(self, width: int = 32, blocks: tuple[int, int, int, int] = (1, 2, 2, 2)):
+    def __init__(self, width: int = 32, blocks: tuple[int, int, int, int] = (1, 2, 2, 2), norm: str = "bn"):
         super().__init__()
         w = width
-        self.stem = nn.Sequential(_conv_bn(3, w // 2, 2), _conv_bn(w // 2, w, 2))
-        self.layer1 = _stage(w, w, blocks[0], 1)
-        self.layer2 = _stage(w, 2 * w, blocks[1], 2)
-        self.layer3 = _stage(2 * w, 4 * w, blocks[2], 2)
+        self.stem = nn.Sequential(_conv_bn(3, w // 2, 2, "in" if norm == "ibn_b" else "bn"), _conv_bn(w // 2, w, 2))
+        self.layer1 = _stage(w, w, blocks[0], 1, norm, early=True)
+        self.layer2 = _stage(w, 2 * w, blocks[1], 2, norm, early=True)
+        self.layer3 = _stage(2 * w, 4 * w, blocks[2], 2, norm, early=norm == "ibn_a")
         self.layer4 = _stage(4 * w, 8 * w, blocks[3], 2)
         self.channels = (2 * w, 4 * w, 8 * w)
 
@@ -57,12 +98,41 @@ class CompactBackbone(nn.Module):
         return c3, c4, self.layer4(c4)
 
 
+class _ResidualIN(nn.Module):
+    """A torchvision ResNet block with IBN-b's InstanceNorm between its residual sum and its ReLU."""
+
+    def __init__(self, block: nn.Module, channels: int):
+        super().__init__()
+        self.block = block
+        self.IN = nn.InstanceNorm2d(channels, affine=True)
+
+    def forward(self, x):
+        b = self.block
+        out = b.relu(b.bn1(b.conv1(x)))
+        if hasattr(b, "conv3"):                   # Bottleneck
+            out = b.bn3(b.conv3(b.relu(b.bn2(b.conv2(out)))))
+        else:                                     # BasicBlock
+            out = b.bn2(b.conv2(out))
+        identity = x if b.downsample is None else b.downsample(x)
+        return b.relu(self.IN(out + identity))
+
+
 class ResNetBackbone(nn.Module):
-    def __init__(self, name: str):
+    def __init__(self, name: str, norm: str = "bn"):
         super().__init__()
         import torchvision
 
         net = getattr(torchvision.models, name)(weights=None)
+        if norm == "ibn_a":                      # layer1-3: half of each block's first norm by IN
+            for layer in (net.layer1, net.layer2, net.layer3):
+                for block in layer:
+                    block.bn1 = IBN(block.bn1.num_features)
+        elif norm == "ibn_b":                    # the stem's norm, and IN after the last sum of layer1-2
+            net.bn1 = nn.InstanceNorm2d(net.bn1.num_features, affine=True)
+            for layer in (net.layer1, net.layer2):
+                last = layer[-1]
+                channels = (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+                layer[-1] = _ResidualIN(last, channels)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         self.layer2, self.layer3, self.layer4 = net.layer2, net.layer3, net.layer4
         expansion = 4 if name == "resnet50" else 1
@@ -74,18 +144,20 @@ class ResNetBackbone(nn.Module):
         return c3, c4, self.layer4(c4)
 
 
-BACKBONES: dict[str, Callable[[int], nn.Module]] = {
-    "compact": lambda width: CompactBackbone(width),
-    "resnet18": lambda width: ResNetBackbone("resnet18"),
-    "resnet34": lambda width: ResNetBackbone("resnet34"),
-    "resnet50": lambda width: ResNetBackbone("resnet50"),
+BACKBONES: dict[str, Callable[[int, str], nn.Module]] = {
+    "compact": lambda width, norm: CompactBackbone(width, norm=norm),
+    "resnet18": lambda width, norm: ResNetBackbone("resnet18", norm),
+    "resnet34": lambda width, norm: ResNetBackbone("resnet34", norm),
+    "resnet50": lambda width, norm: ResNetBackbone("resnet50", norm),
 }
 
 
-def build_backbone(name: str, width: int = 32) -> nn.Module:
+def build_backbone(name: str, width: int = 32, norm: str = "bn") -> nn.Module:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[name](width)
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    return BACKBONES[name](width, norm)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -54,13 +54,13 @@ class FCN(nn.Module):
     """``forward(x: (B, 3, H, W)) -> logits (B, K, H, W)`` for any H, W."""
 
     def __init__(self, num_classes: int, arch: str = "fcn8s", backbone: str = "compact",
-                 width: int = 32, upsample: str = "learned", head_dropout: float = 0.1):
+                 width: int = 32, upsample: str = "learned", head_dropout: float = 0.1, norm: str = "bn"):
         super().__init__()
         if arch not in SKIPS:
             raise ValueError(f"unknown FCN variant {arch!r}; choose one of {', '.join(SKIPS)}")
         self.arch = arch
         self.skips = SKIPS[arch]
-        self.backbone = build_backbone(backbone, width)
+        self.backbone = build_backbone(backbone, width, norm)
         c3, c4, c5 = self.backbone.channels
         learned = upsample == "learned"
         # "fc6/fc7" of the paper as a 3x3 conv block, then the 1x1 classifier
@@ -93,4 +93,4 @@ class FCN(nn.Module):
 
 def build_segmenter(cfg) -> FCN:
     """Build the FCN a :class:`genseg.config.SegConfig` describes."""
-    return FCN(cfg.num_classes, cfg.arch, cfg.backbone, cfg.width, cfg.upsample)
+    return FCN(cfg.num_classes, cfg.arch, cfg.backbone, cfg.width, cfg.upsample, norm=cfg.norm)
