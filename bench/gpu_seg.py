@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     ho_img, ho_msk = to(ho_img).permute(0, 3, 1, 2).contiguous(), to(ho_msk)
     n_train = len(tr_img)
     print(f"[{args.tag}] {n_train} train / {len(va_img)} val / {len(ho_img)} holdout ({args.holdout}); "
-          f"{cfg.backbone} {cfg.arch} w{cfg.width}, loss {cfg.loss}, weights {args.class_weights}, "
+          f"{cfg.backbone} {cfg.arch} w{cfg.width} norm {cfg.norm}, loss {cfg.loss}, weights {args.class_weights}, "
           f"jitter {cfg.jitter} gamma {cfg.gamma} blur {cfg.blur}, {cfg.epochs} epochs x bs {cfg.batch_size}, "
           f"lr {cfg.lr}; data loaded in {time.perf_counter() - t_start:.1f}s on {device}", flush=True)
 

@@ -112,7 +112,7 @@ def build_config(manifest: dict, base: SegConfig, class_weights: str | None) -> 
 
 TASK = runner.Task(name="seg", experiment="genseg-seg", model_name="genseg-segmenter", score="val_miou",
                    higher_is_better=True, loop=train_loop,
-                   model_fields=("arch", "backbone", "width", "upsample", "num_classes"))
+                   model_fields=("arch", "backbone", "width", "norm", "upsample", "num_classes"))
 
 
 def task_for(cfg: SegConfig) -> runner.Task:

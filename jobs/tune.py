@@ -58,7 +58,7 @@ SCHEDULE_FIELDS = ("schedule", "timesteps", "beta_start", "beta_end", "predictio
 SAMPLING_FIELDS = ("sampler", "steps", "guidance")
 SEG_FIELDS = ("lr", "loss", "class_weights", "crop", "weight_decay", "optimizer", "schedule", "warmup_epochs",
               "scale_min", "scale_max", "hflip", "jitter", "gamma", "blur", "batch_size", "arch", "backbone", "width",
-              "upsample", "seed")    # seed: repeats of one recipe measure the seed-to-seed spread
+              "norm", "upsample", "seed")    # seed: repeats of one recipe measure the seed-to-seed spread
 SEARCHES = ("grid", "random", "tpe")
 
 
@@ -789,8 +789,6 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
                 res = run_sampling_stage(opts, rt, parent, model_dir, seg_dir)
                 pic = guidance_picture(res["trials"], rt.workdir / "tune" / opts.name / "guidance_tradeoff.png")
                 res["picture"] = str(pic) if pic else None
-                if pic:
-                    client.log_artifact(parent, str(pic))
             else:
                 res = run_training_stage(task, stage, opts, rt, parent, experiment)
             best = res.get("best")
@@ -803,6 +801,8 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
                     if isinstance(v, (int, float)) and math.isfinite(v):
                         client.log_metric(parent, f"{stage}.best.{k}", float(v))
                 client.log_text(parent, res["table"], f"{stage}_trials.txt")
+                if res.get("picture") and Path(res["picture"]).is_file():
+                    client.log_artifact(parent, res["picture"])
             if not earlier:
                 state[stage] = res
                 _save_state(rt, opts.name, state)

@@ -13,10 +13,12 @@ per-image contrast and colour statistics, which change with the camera, the ligh
   channels per instance (IN) and half over the batch (BN);
 * ``ibn_b``: the stem's first conv is followed by IN instead of BN, and the last block of the
   stride-4 and stride-8 stages adds IN after its residual sum.  The network's output is then
-  invariant to a per-image scaling of its (normalised) input: the image's contrast about mid-grey.
+  (up to IN's epsilon) unchanged when an image's normalised input is multiplied by a positive
+  factor, i.e. its contrast about mid-grey scaled (before any pixel clips at black or white).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -26,6 +28,25 @@ from torch import nn
 NORMS = ("bn", "ibn_a", "ibn_b")
 
 
+class InstanceNorm(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` (affine) that keeps a channels-last input channels-last, and gives a
+    1x1 map (a small image deep in the net) its bias, the limit of normalising one value, where
+    PyTorch's raises."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, affine=True)
+
+    def forward(self, x):
+        if x.shape[-1] * x.shape[-2] == 1:
+            return torch.zeros_like(x) + self.bias.view(1, -1, 1, 1).to(x.dtype)
+        y = super().forward(x)
+        return y.contiguous(memory_format=torch.channels_last) if _channels_last(x) else y
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class IBN(nn.Module):
     """IBN-a's split normalisation: the first ``channels // 2`` channels by InstanceNorm (with
     affine parameters), the rest by BatchNorm."""
@@ -33,16 +54,17 @@ class IBN(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.half = channels // 2
-        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.IN = InstanceNorm(self.half)
         self.BN = nn.BatchNorm2d(channels - self.half)
 
     def forward(self, x):
         a, b = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
-        return torch.cat([self.IN(a.contiguous()), self.BN(b.contiguous())], dim=1)
+        y = torch.cat([self.IN(a), self.BN(b)], dim=1)
+        return y.contiguous(memory_format=torch.channels_last) if _channels_last(x) else y
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
-    return {"bn": lambda: nn.BatchNorm2d(channels), "in": lambda: nn.InstanceNorm2d(channels, affine=True),
+    return {"bn": lambda: nn.BatchNorm2d(channels), "in": lambda: InstanceNorm(channels),
             "ibn": lambda: IBN(channels)}[kind]()
 
 
@@ -62,7 +84,7 @@ class _Block(nn.Module):
         self.short = (nn.Identity() if stride == 1 and cin == cout else
                       nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
         nn.init.zeros_(self.conv2[1].weight)   # start each block as identity: trains from scratch
-        self.IN = nn.InstanceNorm2d(cout, affine=True) if in_after else None
+        self.IN = InstanceNorm(cout) if in_after else None
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -98,23 +120,36 @@ class CompactBackbone(nn.Module):
         return c3, c4, self.layer4(c4)
 
 
-class _ResidualIN(nn.Module):
-    """A torchvision ResNet block with IBN-b's InstanceNorm between its residual sum and its ReLU."""
+def _add_in_after_sum(block: nn.Module) -> None:
+    """IBN-b's InstanceNorm between a torchvision ResNet block's residual sum and its ReLU, as an
+    ``IN`` attribute of the block (IBN-Net's own parameter names: ``layer1.2.IN.weight``)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    def __init__(self, block: nn.Module, channels: int):
-        super().__init__()
-        self.block = block
-        self.IN = nn.InstanceNorm2d(channels, affine=True)
+    basic_in, bottleneck_in = _block_classes()
+    block.IN = InstanceNorm((block.bn3 if isinstance(block, Bottleneck) else block.bn2).num_features)
+    block.__class__ = {BasicBlock: basic_in, Bottleneck: bottleneck_in}[type(block)]
 
-    def forward(self, x):
-        b = self.block
-        out = b.relu(b.bn1(b.conv1(x)))
-        if hasattr(b, "conv3"):                   # Bottleneck
-            out = b.bn3(b.conv3(b.relu(b.bn2(b.conv2(out)))))
-        else:                                     # BasicBlock
-            out = b.bn2(b.conv2(out))
-        identity = x if b.downsample is None else b.downsample(x)
-        return b.relu(self.IN(out + identity))
+
+@functools.cache
+def _block_classes():
+    """torchvision's two blocks with IBN-b's forward (made on first use: torchvision loads lazily)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    class BasicBlockIN(BasicBlock):
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            identity = x if self.downsample is None else self.downsample(x)
+            return self.relu(self.IN(out + identity))
+
+    class BottleneckIN(Bottleneck):
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            out = self.bn3(self.conv3(out))
+            identity = x if self.downsample is None else self.downsample(x)
+            return self.relu(self.IN(out + identity))
+
+    return BasicBlockIN, BottleneckIN
 
 
 class ResNetBackbone(nn.Module):
@@ -128,11 +163,9 @@ class ResNetBackbone(nn.Module):
                 for block in layer:
                     block.bn1 = IBN(block.bn1.num_features)
         elif norm == "ibn_b":                    # the stem's norm, and IN after the last sum of layer1-2
-            net.bn1 = nn.InstanceNorm2d(net.bn1.num_features, affine=True)
+            net.bn1 = InstanceNorm(net.bn1.num_features)
             for layer in (net.layer1, net.layer2):
-                last = layer[-1]
-                channels = (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
-                layer[-1] = _ResidualIN(last, channels)
+                _add_in_after_sum(layer[-1])
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         self.layer2, self.layer3, self.layer4 = net.layer2, net.layer3, net.layer4
         expansion = 4 if name == "resnet50" else 1

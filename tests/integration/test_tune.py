@@ -1,5 +1,6 @@
 """`genseg tune` on a real local Ray (Tune + Train) and sqlite MLflow, on tiny synthetic data."""
 import json
+import shutil
 
 import pytest
 import yaml
@@ -115,13 +116,17 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     # ... unless the search's run is not found (tracked elsewhere): the new run gets each stage's best
     elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     assert main([*cmd[:-1], str(tmp_path / "elsewhere.json"), "--tracking-uri", elsewhere]) == 0
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")    # mlflow exported it: the commands below track where they did
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):   # mlflow exported them: the commands below
+        monkeypatch.delenv(var, raising=False)                   # track where the search did
     moved = json.loads((tmp_path / "elsewhere.json").read_text())
     assert moved["mlflow_run_id"] != res["mlflow_run_id"]
     logged = MlflowClient(elsewhere).get_run(moved["mlflow_run_id"]).data.metrics
     assert logged["sampling.best.objective"] == pytest.approx(best["metrics"]["objective"])
     sched_best = res["stages"]["schedule"]["best"]["metrics"]["val_x0_mse"]
     assert logged["schedule.best.val_x0_mse"] == pytest.approx(sched_best)
+    there = {a.path for a in MlflowClient(elsewhere).list_artifacts(moved["mlflow_run_id"])}
+    assert {"schedule_trials.txt", "sampling_trials.txt"} <= there
+    assert ("guidance_tradeoff.png" in there) == bool(res["stages"]["sampling"]["picture"])
 
     # a rerun asking for another space would resume the search as it was started: refused in one line,
     # naming what differs, with nothing of the search changed
@@ -165,9 +170,10 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     # the sampling search alone, model-based (Optuna TPE) over a range, on the champion
     tpe = _space(tmp_path / "tpe.yaml", {"sampling": {"guidance": {"low": 0.0, "high": 4.0}, "steps": [3]}})
     capsys.readouterr()
-    assert main(["tune", "diffusion", "--stage", "sampling", "--data", str(shards), "--space", tpe, "--search", "tpe",
-                 "--samples", "3", "--segmenter", str(seg), "--num", "8", "--name", "tpe", "--workdir", wd,
-                 "--json", str(tmp_path / "tpe.json")]) == 0
+    tpe_cmd = ["tune", "diffusion", "--stage", "sampling", "--data", str(shards), "--space", tpe, "--search", "tpe",
+               "--samples", "3", "--segmenter", str(seg), "--num", "8", "--name", "tpe", "--workdir", wd,
+               "--json", str(tmp_path / "tpe.json")]
+    assert main(tpe_cmd) == 0
     t = json.loads((tmp_path / "tpe.json").read_text())
     ws = [r["params"]["guidance"] for r in t["stages"]["sampling"]["trials"]]
     assert len(set(ws)) == 3 and all(0.0 <= w <= 4.0 for w in ws)
@@ -180,6 +186,13 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     else:
         assert t["best_sampling"]["guidance"] == t["stages"]["sampling"]["best"]["params"]["guidance"]
         assert t["registered"]["champion"]
+    # registered (or nothing to register), the search needs its tuned checkpoint no more: a rerun
+    # after it was deleted reports the search, it does not fail
+    assert t["best_checkpoint"] == t["stages"]["sampling"]["model"]
+    shutil.rmtree(t["best_checkpoint"])
+    capsys.readouterr()
+    assert main(tpe_cmd) == 0
+    assert "[sampling] finished in an earlier run of 'tpe'" in capsys.readouterr().out
 
 
 def test_a_bad_search_space_is_one_line_before_any_trial(data, tmp_path, capsys):

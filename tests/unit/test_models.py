@@ -83,8 +83,9 @@ def _settle(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 @pytest.mark.parametrize("backbone", ["compact", "resnet18", "resnet50"])
 def test_ibn_b_makes_each_image_s_prediction_invariant_to_its_own_contrast_and_bn_does_not(backbone):
-    """IBN-b's InstanceNorm right after the (bias-free) first conv removes a per-image scaling of
-    the input: the logits of an image darkened or brightened by a factor are those of the original.
+    """IBN-b's InstanceNorm right after the (bias-free) first conv removes a positive per-image
+    scaling of the normalised input: the logits of an image whose contrast about mid-grey is halved
+    or doubled are those of the original (up to IN's epsilon).
     Measured against how much the logits change for another image, so a network whose output does
     not depend on its input cannot pass."""
     torch.manual_seed(0)
@@ -131,17 +132,109 @@ def test_ibn_a_sits_in_the_first_three_stages_only(backbone, where):
     assert found == where
 
 
+def _keys_digest(model: torch.nn.Module) -> tuple[int, str]:
+    import hashlib
+
+    sd = model.state_dict()
+    return len(sd), hashlib.sha256("\n".join(f"{k}:{tuple(v.shape)}" for k, v in sorted(sd.items())).encode()
+                                   ).hexdigest()[:16]
+
+
 def test_norm_is_a_config_field_and_old_checkpoints_keep_batchnorm():
     """A config without ``norm`` (every checkpoint saved before it existed) builds the BatchNorm
-    network with the same parameter names as before; an unknown norm is one clear error."""
+    network with exactly the parameter names and shapes of before (digests taken from the code
+    before ``norm`` existed); an unknown norm is one clear error."""
     from genseg.config import ConfigError
 
+    before = {"compact": (129, "306b132886d6e163"), "resnet18": (135, "083b03d98df89d93"),
+              "resnet50": (333, "033f0e69fde7db07")}
+    for backbone, digest in before.items():
+        assert _keys_digest(FCN(5, "fcn8s", backbone, width=8)) == digest, backbone
     bn = build_segmenter(SegConfig(num_classes=4, width=8))
     assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in bn.modules())
-    assert "backbone.layer1.0.conv1.1.running_mean" in bn.state_dict()
-    ibn = build_segmenter(SegConfig(num_classes=4, width=8, norm="ibn_b"))
-    assert sum(isinstance(m, torch.nn.InstanceNorm2d) for m in ibn.modules()) == 3   # stem + end of layer1, layer2
     with pytest.raises(ConfigError, match="norm"):
         SegConfig(norm="groupnorm")
     with pytest.raises(ValueError, match="unknown norm"):
         FCN(3, "fcn8s", "compact", norm="ln")
+
+
+def test_ibn_b_sits_on_the_stem_and_after_the_last_sum_of_the_first_two_stages():
+    from genseg.models.backbones import InstanceNorm
+
+    b = FCN(5, "fcn8s", "compact", width=8, norm="ibn_b").backbone
+    assert isinstance(b.stem[0][1], InstanceNorm) and isinstance(b.stem[1][1], torch.nn.BatchNorm2d)
+    assert [blk.IN is not None for blk in (*b.layer1, *b.layer2, *b.layer3, *b.layer4)] == \
+        [True, False, True, False, False, False, False]
+    assert sum(isinstance(m, InstanceNorm) for m in b.modules()) == 3
+    for backbone, blocks in (("resnet18", (2, 2)), ("resnet50", (3, 4))):
+        b = FCN(5, "fcn8s", backbone, norm="ibn_b").backbone
+        layer1 = b.stem[-1]
+        assert isinstance(b.stem[1], InstanceNorm), backbone            # the stem's norm
+        assert [hasattr(blk, "IN") for blk in layer1] == [False] * (blocks[0] - 1) + [True]
+        assert [hasattr(blk, "IN") for blk in b.layer2] == [False] * (blocks[1] - 1) + [True]
+        assert sum(isinstance(m, InstanceNorm) for m in b.modules()) == 3, backbone
+        assert f"stem.4.{blocks[0] - 1}.IN.weight" in b.state_dict()       # IBN-Net's own names
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_ibn_b_resnet_blocks_compute_the_torchvision_block_with_in_before_the_last_relu(kind):
+    """With its InstanceNorm made the identity, a block changed for IBN-b computes exactly what the
+    torchvision block did (a downsampling block, so the shortcut path is covered too)."""
+    import copy
+
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from genseg.models.backbones import _add_in_after_sum
+
+    torch.manual_seed(0)
+    cin, planes = 8, 16
+    cls, cout = (BasicBlock, planes) if kind == "basic" else (Bottleneck, planes * 4)
+    down = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, 2, bias=False), torch.nn.BatchNorm2d(cout))
+    block = _settle_block(cls(cin, planes, stride=2, downsample=down))
+    changed = copy.deepcopy(block)
+    _add_in_after_sum(changed)
+    x = torch.randn(2, cin, 12, 16)
+    changed.IN = torch.nn.Identity()
+    with torch.no_grad():
+        assert torch.allclose(changed(x), block(x), atol=1e-6)
+    # and the norm is really there, per image: the second image's scale does not reach the first's output
+    changed = copy.deepcopy(block)
+    _add_in_after_sum(changed)
+    changed.eval()
+    x2 = x.clone()
+    x2[1] *= 3
+    with torch.no_grad():
+        assert torch.allclose(changed(x)[0], changed(x2)[0], atol=1e-6)
+        assert not torch.allclose(changed(x)[1], changed(x2)[1], atol=1e-2)
+
+
+def _settle_block(block: torch.nn.Module) -> torch.nn.Module:
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return block.eval()
+
+
+def test_instance_norm_keeps_channels_last_and_gives_a_one_pixel_map_its_bias():
+    from genseg.models.backbones import IBN, InstanceNorm
+
+    norm = InstanceNorm(4)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    y = norm(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y, _plain_in(norm)(x.contiguous()), atol=1e-6)      # the same values
+    assert IBN(4)(x).is_contiguous(memory_format=torch.channels_last)
+    one = norm(torch.randn(2, 4, 1, 1))
+    assert torch.equal(one, norm.bias.detach().view(1, 4, 1, 1).expand(2, 4, 1, 1))
+    # a tiny image through ibn_a's stride-16 IN layers (1x1 there) is scored, not refused
+    model = FCN(3, "fcn8s", "compact", width=8, norm="ibn_a").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+def _plain_in(norm) -> torch.nn.Module:
+    plain = torch.nn.InstanceNorm2d(norm.num_features, affine=True)
+    plain.load_state_dict(norm.state_dict())
+    return plain

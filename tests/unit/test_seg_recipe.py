@@ -339,3 +339,33 @@ def test_class_weights_and_infer_scale_are_checked_and_sizes_read_as_lists():
             SegConfig(infer_scale=bad)
     for text in ("[176, 240]", "176x240", "176,240", "(176,240)"):
         assert config_lib.replace(SegConfig(), {"crop": text}).crop == (176, 240)
+
+
+# a value other than the default for every SegConfig field (a new field must be added here)
+OTHER_VALUES = {"arch": "fcn16s", "backbone": "resnet18", "width": 16, "norm": "ibn_b", "upsample": "bilinear",
+                "num_classes": 5, "ignore_index": 0, "loss": "dice", "class_weights": (1.0,) * 6, "epochs": 3,
+                "batch_size": 2, "lr": 0.1, "weight_decay": 0.0, "optimizer": "sgd", "schedule": "cosine",
+                "warmup_epochs": 1.0, "crop": (32, 32), "scale_min": 0.5, "scale_max": 2.0, "hflip": False,
+                "jitter": 0.3, "gamma": 0.3, "blur": 0.2, "infer_scale": 0.5, "select_on": "holdout",
+                "image_every": 5, "seed": 3, "amp": "none", "threads_per_worker": 1}
+
+
+def test_every_field_that_changes_the_network_must_match_to_resume_a_run():
+    """A resumed run loads the saved weights into the network its config builds: a field that changes
+    the network's parameters, left out of the task's model_fields, would pass the resume check and
+    fail inside the workers with a state_dict traceback instead of one line."""
+    import dataclasses
+
+    from genseg.models import build_segmenter
+    from jobs.train_seg import TASK
+
+    assert set(OTHER_VALUES) == {f.name for f in dataclasses.fields(SegConfig)}
+    base = SegConfig(width=8)
+
+    def shapes(cfg):
+        return {k: tuple(v.shape) for k, v in build_segmenter(cfg).state_dict().items()}
+
+    ref = shapes(base)
+    changes = {name for name, v in OTHER_VALUES.items()
+               if shapes(dataclasses.replace(base, **{name: v})) != ref}
+    assert changes == set(TASK.model_fields)

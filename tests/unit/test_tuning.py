@@ -320,3 +320,13 @@ def test_a_finished_sampling_search_registers_the_model_it_tuned_not_what_model_
         tuned_model({"model": str(tuned)}, opts, must_exist=True)
     # registered already (or nothing to register): a deleted checkpoint does not stop the rerun
     assert tuned_model({"model": str(tuned)}, opts, must_exist=False) == tuned
+
+
+def test_a_seg_search_may_search_the_norm_and_a_bad_norm_is_refused_before_any_trial():
+    from genseg.config import SegConfig
+    from genseg.tuning import SearchSpace, SpaceError
+    from jobs.tune import check_training_space
+
+    check_training_space(SearchSpace.parse({"norm": ["bn", "ibn_a", "ibn_b"]}, "seg"), SegConfig(), "seg")
+    with pytest.raises(SpaceError, match="field 'norm': value 'batch' cannot be used .*one of bn, ibn_a, ibn_b"):
+        check_training_space(SearchSpace.parse({"norm": ["bn", "batch"]}, "seg"), SegConfig(), "seg")
