@@ -3,9 +3,10 @@
 # sequence as the objective (bench/configs/camvid_screen_cpu.yaml: compact FCN-8s at half
 # resolution, 20 epochs, two one-thread trials at a time), the winner's test-time augmentation, and
 # photometric augmentation, a wider scale range, twice the epochs and twice the width against the
-# base recipe, paired by seed, and photometric augmentation on top of twice the epochs.
+# base recipe, paired by seed, photometric augmentation on top of twice the epochs, and instance
+# normalisation in the early layers (IBN-Net).
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 405 minutes on 2 cores (the paired-seed searches at the end, about 335 of them).
+# About 480 minutes on 2 cores (the paired-seed searches at the end, about 410 of them).
 # Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
@@ -57,3 +58,9 @@ search width64_epochs40_photometric_seeds23 tune_seg_holdout_seeds23 --epochs 40
 search epochs80_photometric tune_seg_holdout_seeds01 --epochs 80 --grace-epochs 80 "${PHOTO[@]}" --champion-margin 0.015
 search epochs80_photometric_seeds23 tune_seg_holdout_seeds23 --epochs 80 --grace-epochs 80 "${PHOTO[@]}" \
     --champion-margin 0.015
+# instance normalisation in the early layers (IBN-Net, --set norm=...) on the base recipe at seeds 0-3,
+# then IBN-b on top of 40 epochs + photometric at seeds 0-3, paired with that arm
+search ibn_b tune_seg_holdout_seeds0123 --set norm=ibn_b --champion-margin 0.015
+search ibn_a tune_seg_holdout_seeds0123 --set norm=ibn_a --champion-margin 0.015
+search epochs40_photometric_ibn_b tune_seg_holdout_seeds0123 --epochs 40 --grace-epochs 40 "${PHOTO[@]}" \
+    --set norm=ibn_b --champion-margin 0.015

@@ -2,7 +2,8 @@
 (bench/README.md, issue 14): photometric augmentation at two strengths, a wider scale range,
 twice the epochs, twice the width; photometric augmentation on top of twice the epochs, paired
 with twice the epochs alone; twice the width on top of both, and four times the epochs with
-photometric augmentation, each paired with twice the epochs and photometric augmentation.
+photometric augmentation, each paired with twice the epochs and photometric augmentation; instance
+normalisation in the early layers (IBN-a, IBN-b).
 Reads the rows that bench/holdout_screen_table.py wrote (--out).
 
     .venv/bin/python bench/seed_pairs.py bench/results/tune_holdout_screen_table.json
@@ -32,11 +33,15 @@ ARMS = {
                                     ("tune_holdout_epochs80_photometric_seeds23", {}, None)],
     "width 64 + 40 epochs + photometric 0.3": [("tune_holdout_width64_epochs40_photometric", {}, None),
                                                ("tune_holdout_width64_epochs40_photometric_seeds23", {}, None)],
+    "IBN-b": [("tune_holdout_ibn_b", {}, None)],
+    "IBN-a": [("tune_holdout_ibn_a", {}, None)],
+    "40 epochs + photometric 0.3 + IBN-b": [("tune_holdout_epochs40_photometric_ibn_b", {}, None)],
 }
 # (arm, the arm it is paired with): every arm against the base, and the combination against 40 epochs alone
 PAIRS = [*((a, "base") for a in ARMS if a != "base"), ("40 epochs + photometric 0.3", "40 epochs"),
          ("width 64 + 40 epochs + photometric 0.3", "40 epochs + photometric 0.3"),
-         ("80 epochs + photometric 0.3", "40 epochs + photometric 0.3")]
+         ("80 epochs + photometric 0.3", "40 epochs + photometric 0.3"),
+         ("40 epochs + photometric 0.3 + IBN-b", "40 epochs + photometric 0.3")]
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}   # t, two-sided 95 %
 
 
