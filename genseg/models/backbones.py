@@ -18,7 +18,6 @@ per-image contrast and colour statistics, which change with the camera, the ligh
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
@@ -37,8 +36,8 @@ class InstanceNorm(nn.InstanceNorm2d):
         super().__init__(channels, affine=True)
 
     def forward(self, x):
-        if x.shape[-1] * x.shape[-2] == 1:
-            return torch.zeros_like(x) + self.bias.view(1, -1, 1, 1).to(x.dtype)
+        if x.shape[-1] * x.shape[-2] == 1:      # input and weight times 0: zero gradients, not none (DDP)
+            return (x * 0) * self.weight.view(1, -1, 1, 1).to(x.dtype) + self.bias.view(1, -1, 1, 1).to(x.dtype)
         y = super().forward(x)
         return y.contiguous(memory_format=torch.channels_last) if _channels_last(x) else y
 
@@ -122,34 +121,11 @@ class CompactBackbone(nn.Module):
 
 def _add_in_after_sum(block: nn.Module) -> None:
     """IBN-b's InstanceNorm between a torchvision ResNet block's residual sum and its ReLU, as an
-    ``IN`` attribute of the block (IBN-Net's own parameter names: ``layer1.2.IN.weight``)."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
+    ``IN`` attribute of the block (so its parameters end in ``.IN.weight``, as in IBN-Net's own)."""
+    from genseg.models._ibn_resnet import WITH_IN
 
-    basic_in, bottleneck_in = _block_classes()
-    block.IN = InstanceNorm((block.bn3 if isinstance(block, Bottleneck) else block.bn2).num_features)
-    block.__class__ = {BasicBlock: basic_in, Bottleneck: bottleneck_in}[type(block)]
-
-
-@functools.cache
-def _block_classes():
-    """torchvision's two blocks with IBN-b's forward (made on first use: torchvision loads lazily)."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
-    class BasicBlockIN(BasicBlock):
-        def forward(self, x):
-            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-            identity = x if self.downsample is None else self.downsample(x)
-            return self.relu(self.IN(out + identity))
-
-    class BottleneckIN(Bottleneck):
-        def forward(self, x):
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.relu(self.bn2(self.conv2(out)))
-            out = self.bn3(self.conv3(out))
-            identity = x if self.downsample is None else self.downsample(x)
-            return self.relu(self.IN(out + identity))
-
-    return BasicBlockIN, BottleneckIN
+    block.IN = InstanceNorm((block.bn3 if hasattr(block, "bn3") else block.bn2).num_features)
+    block.__class__ = WITH_IN[type(block)]
 
 
 class ResNetBackbone(nn.Module):

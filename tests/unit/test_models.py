@@ -1,3 +1,5 @@
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,7 +175,7 @@ def test_ibn_b_sits_on_the_stem_and_after_the_last_sum_of_the_first_two_stages()
         assert [hasattr(blk, "IN") for blk in layer1] == [False] * (blocks[0] - 1) + [True]
         assert [hasattr(blk, "IN") for blk in b.layer2] == [False] * (blocks[1] - 1) + [True]
         assert sum(isinstance(m, InstanceNorm) for m in b.modules()) == 3, backbone
-        assert f"stem.4.{blocks[0] - 1}.IN.weight" in b.state_dict()       # IBN-Net's own names
+        assert f"stem.4.{blocks[0] - 1}.IN.weight" in b.state_dict()       # named ...IN.weight, as in IBN-Net
 
 
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
@@ -197,15 +199,23 @@ def test_ibn_b_resnet_blocks_compute_the_torchvision_block_with_in_before_the_la
     changed.IN = torch.nn.Identity()
     with torch.no_grad():
         assert torch.allclose(changed(x), block(x), atol=1e-6)
-    # and the norm is really there, per image: the second image's scale does not reach the first's output
+    # and the changed block runs its InstanceNorm, on its residual sum: each image's channels come out
+    # with the norm's own mean (bias) and spread (weight), whatever the input's scale
     changed = copy.deepcopy(block)
     _add_in_after_sum(changed)
-    changed.eval()
-    x2 = x.clone()
-    x2[1] *= 3
+    torch.nn.init.normal_(changed.IN.weight, 1.0, 0.1)
+    torch.nn.init.normal_(changed.IN.bias, 0.0, 0.1)
+    seen = []
+    changed.IN.register_forward_hook(lambda m, i, o: seen.append(o.clone()))     # before the in-place ReLU
     with torch.no_grad():
-        assert torch.allclose(changed(x)[0], changed(x2)[0], atol=1e-6)
-        assert not torch.allclose(changed(x)[1], changed(x2)[1], atol=1e-2)
+        changed(x * 7)
+    assert len(seen) == 1
+    out = seen[0]
+    assert torch.allclose(out.mean(dim=(2, 3)), changed.IN.bias.expand(2, -1), atol=1e-4)
+    assert torch.allclose(out.std(dim=(2, 3), unbiased=False), changed.IN.weight.abs().expand(2, -1), atol=1e-3)
+    fresh = copy.deepcopy(block)
+    _add_in_after_sum(fresh)
+    assert type(pickle.loads(pickle.dumps(fresh))) is type(fresh)   # its class is importable by name
 
 
 def _settle_block(block: torch.nn.Module) -> torch.nn.Module:
@@ -226,8 +236,10 @@ def test_instance_norm_keeps_channels_last_and_gives_a_one_pixel_map_its_bias():
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(y, _plain_in(norm)(x.contiguous()), atol=1e-6)      # the same values
     assert IBN(4)(x).is_contiguous(memory_format=torch.channels_last)
-    one = norm(torch.randn(2, 4, 1, 1))
+    one = norm(torch.randn(2, 4, 1, 1, requires_grad=True))
     assert torch.equal(one, norm.bias.detach().view(1, 4, 1, 1).expand(2, 4, 1, 1))
+    one.sum().backward()        # every parameter gets a gradient (zero for the weight): DDP needs one
+    assert torch.equal(norm.weight.grad, torch.zeros(4)) and torch.equal(norm.bias.grad, torch.full((4,), 2.0))
     # a tiny image through ibn_a's stride-16 IN layers (1x1 there) is scored, not refused
     model = FCN(3, "fcn8s", "compact", width=8, norm="ibn_a").eval()
     with torch.no_grad():

@@ -360,12 +360,14 @@ def test_every_field_that_changes_the_network_must_match_to_resume_a_run():
     from jobs.train_seg import TASK
 
     assert set(OTHER_VALUES) == {f.name for f in dataclasses.fields(SegConfig)}
-    base = SegConfig(width=8)
+    assert all(v != getattr(SegConfig(), k) for k, v in OTHER_VALUES.items())
 
     def shapes(cfg):
         return {k: tuple(v.shape) for k, v in build_segmenter(cfg).state_dict().items()}
 
-    ref = shapes(base)
-    changes = {name for name, v in OTHER_VALUES.items()
-               if shapes(dataclasses.replace(base, **{name: v})) != ref}
+    changes = set()
+    for base in (SegConfig(width=8), SegConfig(backbone="resnet18")):     # width changes the compact net only
+        ref = shapes(base)
+        changes |= {name for name, v in OTHER_VALUES.items()
+                    if v != getattr(base, name) and shapes(dataclasses.replace(base, **{name: v})) != ref}
     assert changes == set(TASK.model_fields)
