@@ -6,7 +6,7 @@
 # base recipe, paired by seed, photometric augmentation on top of twice the epochs, and instance
 # normalisation in the early layers (IBN-Net).
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 480 minutes on 2 cores (the paired-seed searches at the end, about 410 of them).
+# About 475 minutes on 2 cores (the paired-seed searches at the end, about 400 of them).
 # Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
