@@ -6,7 +6,7 @@
 # base recipe, paired by seed, photometric augmentation on top of twice the epochs, and instance
 # normalisation in the early layers (IBN-Net).
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 475 minutes on 2 cores (the paired-seed searches at the end, about 400 of them).
+# About 490 minutes on 2 cores (the paired-seed searches at the end, about 420 of them).
 # Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
@@ -64,3 +64,5 @@ search ibn_b tune_seg_holdout_seeds0123 --set norm=ibn_b --champion-margin 0.015
 search ibn_a tune_seg_holdout_seeds0123 --set norm=ibn_a --champion-margin 0.015
 search epochs40_photometric_ibn_b tune_seg_holdout_seeds0123 --epochs 40 --grace-epochs 40 "${PHOTO[@]}" \
     --set norm=ibn_b --champion-margin 0.015
+# IBN-b at 40 epochs without photometric augmentation, seeds 0-1, paired with the 40-epoch arm
+search epochs40_ibn_b tune_seg_holdout_seeds01 --epochs 40 --grace-epochs 40 --set norm=ibn_b --champion-margin 0.015

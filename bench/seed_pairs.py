@@ -36,12 +36,14 @@ ARMS = {
     "IBN-b": [("tune_holdout_ibn_b", {}, None)],
     "IBN-a": [("tune_holdout_ibn_a", {}, None)],
     "40 epochs + photometric 0.3 + IBN-b": [("tune_holdout_epochs40_photometric_ibn_b", {}, None)],
+    "40 epochs + IBN-b": [("tune_holdout_epochs40_ibn_b", {}, None)],
 }
 # (arm, the arm it is paired with): every arm against the base, and the combination against 40 epochs alone
 PAIRS = [*((a, "base") for a in ARMS if a != "base"), ("40 epochs + photometric 0.3", "40 epochs"),
          ("width 64 + 40 epochs + photometric 0.3", "40 epochs + photometric 0.3"),
          ("80 epochs + photometric 0.3", "40 epochs + photometric 0.3"),
-         ("40 epochs + photometric 0.3 + IBN-b", "40 epochs + photometric 0.3")]
+         ("40 epochs + photometric 0.3 + IBN-b", "40 epochs + photometric 0.3"),
+         ("40 epochs + IBN-b", "40 epochs")]
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}   # t, two-sided 95 %
 
 
