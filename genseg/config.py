@@ -22,6 +22,9 @@ class ConfigError(InputError):
     """A config file or override names an unknown field or holds a bad value."""
 
 
+SEG_NORMS = ("bn", "ibn_a", "ibn_b")   # the segmenter's early-layer norms (genseg.models.backbones)
+
+
 @dataclass(frozen=True)
 class SegConfig:
     """Training config of ``genseg train seg``."""
@@ -65,7 +68,7 @@ class SegConfig:
     def __post_init__(self) -> None:
         _check_choice(self, "arch", ("fcn32s", "fcn16s", "fcn8s"))
         _check_choice(self, "upsample", ("learned", "bilinear"))
-        _check_choice(self, "norm", ("bn", "ibn_a", "ibn_b"))
+        _check_choice(self, "norm", SEG_NORMS)
         _check_choice(self, "loss", ("ce", "dice", "ce_dice", "ohem", "ohem_dice"))
         _check_choice(self, "optimizer", ("adamw", "sgd"))
         _check_choice(self, "schedule", ("poly", "cosine", "constant"))

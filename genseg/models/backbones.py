@@ -23,8 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-
-NORMS = ("bn", "ibn_a", "ibn_b")
+from genseg.config import SEG_NORMS
 
 
 class InstanceNorm(nn.InstanceNorm2d):
@@ -38,12 +37,13 @@ class InstanceNorm(nn.InstanceNorm2d):
     def forward(self, x):
         if x.shape[-1] * x.shape[-2] == 1:      # input and weight times 0: zero gradients, not none (DDP)
             return (x * 0) * self.weight.view(1, -1, 1, 1).to(x.dtype) + self.bias.view(1, -1, 1, 1).to(x.dtype)
-        y = super().forward(x)
-        return y.contiguous(memory_format=torch.channels_last) if _channels_last(x) else y
+        return _like(x, super().forward(x))
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+def _like(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``x``'s memory format: channels-last when ``x`` is (norms and ``cat`` return NCHW)."""
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
 class IBN(nn.Module):
@@ -58,8 +58,7 @@ class IBN(nn.Module):
 
     def forward(self, x):
         a, b = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
-        y = torch.cat([self.IN(a), self.BN(b)], dim=1)
-        return y.contiguous(memory_format=torch.channels_last) if _channels_last(x) else y
+        return _like(x, torch.cat([self.IN(a), self.BN(b)], dim=1))
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -164,8 +163,8 @@ BACKBONES: dict[str, Callable[[int, str], nn.Module]] = {
 def build_backbone(name: str, width: int = 32, norm: str = "bn") -> nn.Module:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    if norm not in SEG_NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(SEG_NORMS)}")
     return BACKBONES[name](width, norm)
 
 
