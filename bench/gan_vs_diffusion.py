@@ -40,15 +40,16 @@ def run_figures(client, run_id: str, names: tuple[str, ...]) -> dict:
     return out
 
 
-def run_id_of(client, ref, experiment: str) -> str | None:
+def run_id_of(client, ref, experiment: str, job: str) -> str | None:
     """The MLflow run of a resolved REF: its own run id, else (a checkpoint directory
-    ``.../runs/<run name>/best``) the genseg run of that name in ``experiment``."""
+    ``.../runs/<run name>/best``) the training run (``job``, e.g. "train gan") of that name in
+    ``experiment``, not a search that shares its name."""
     from genseg import tracking
 
     if ref.run_id:
         return ref.run_id
     exp = client.get_experiment_by_name(experiment)
-    run = tracking.find_run(exp.experiment_id, Path(ref.path).resolve().parent.name) if exp else None
+    run = tracking.find_run(exp.experiment_id, Path(ref.path).resolve().parent.name, job) if exp else None
     return run.info.run_id if run else None
 
 
@@ -100,7 +101,7 @@ def main() -> None:
     diffusion_run = None
     if args.diffusion:
         dref = tracking.resolve(args.diffusion, rt.tracking_uri, dst=f"{tmp}/d")
-        diffusion_run = run_id_of(client, dref, "genseg-diffusion")
+        diffusion_run = run_id_of(client, dref, "genseg-diffusion", "train diffusion")
     dfig = run_figures(client, diffusion_run, ("train_loss", "val_x0_mse")) if diffusion_run else None
     for r in table["rows"]:
         rows.append({"model": f"diffusion {r['sampler']} x{r['steps']}", "family": "diffusion", "fd": r["fd"],
@@ -122,7 +123,7 @@ def main() -> None:
         ci = None
         if ddpm_spec and "real" in feats and torch.equal(feats["real"], f["real"]):
             ci = fd_ratio_interval(f["real"], f["fake"], feats[ddpm_spec])
-        run_id = run_id_of(client, gref, "genseg-gan")
+        run_id = run_id_of(client, gref, "genseg-gan", "train gan")
         fig = run_figures(client, run_id, ("d_loss", "g_loss", "d_real", "d_fake", "val_fd_rand", "rand_coverage")) \
             if run_id else None
         curves[f"gan {name}"] = fig

@@ -17,6 +17,7 @@ from pathlib import Path
 from genseg.errors import InputError
 
 RUN_NAME_TAG = "genseg.run_name"
+JOB_TAG = "genseg.job"               # "train seg", "tune seg", ...: what made the run
 CHAMPION = "champion"
 # tags on a registered model version
 SCORE_NAME_TAG = "genseg.score_name"
@@ -85,6 +86,14 @@ def setup(workdir: str | Path, tracking_uri: str | None = None) -> str:
     return uri
 
 
+def display_uri(uri: str) -> str:
+    """A tracking URI to print or write down: without a ``user:password@`` in it."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else uri
+
+
 def experiment_id(name: str, workdir: str | Path) -> str:
     """Get or create an experiment whose artifacts live under ``<workdir>/mlartifacts``."""
     import mlflow
@@ -98,21 +107,24 @@ def experiment_id(name: str, workdir: str | Path) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
-def find_run(exp_id: str, run_name: str):
-    """The MLflow run of a genseg training run name, or None."""
+def find_run(exp_id: str, run_name: str, job: str | None = None):
+    """The newest MLflow run of a genseg run name, or None.  ``job`` (e.g. "tune seg"): only a run
+    that job made (or one from before runs said which job made them), so a search and a training
+    run that share a name are two runs."""
     from mlflow.tracking import MlflowClient
 
     runs = MlflowClient().search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                                      max_results=2)
-    return runs[0] if runs else None
+                                      max_results=100)
+    return next((r for r in runs if job is None or r.data.tags.get(JOB_TAG, job) == job), None)
 
 
 def start_or_resume_run(exp_id: str, run_name: str, params: dict, tags: dict | None = None) -> tuple[str, bool]:
-    """Return ``(run_id, resumed)``.  Re-running a name continues the same MLflow run."""
+    """Return ``(run_id, resumed)``.  Re-running a name continues the same MLflow run (of the same
+    job, ``tags["genseg.job"]``, where given)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    run = find_run(exp_id, run_name)
+    run = find_run(exp_id, run_name, (tags or {}).get(JOB_TAG))
     resumed = run is not None
     if run is None:
         run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})

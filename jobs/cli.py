@@ -547,7 +547,7 @@ def cmd_train(args, rt) -> int:
                 extra["latent"] = args.latent
             summary = interruptible(job.run, args.data, cfg, rt, **extra, **common)
         except KeyboardInterrupt:
-            _mark_interrupted(job.TASK.experiment, run_name)
+            _mark_interrupted(job.TASK.experiment, run_name, f"train {job.TASK.name}")
             raise Interrupted(f"interrupted; run '{run_name}' keeps its checkpoints. Resume it with: "
                               f"{_resume_command(args, run_name)}") from None
     reg = summary.get("registered")
@@ -583,7 +583,7 @@ def _resume_command(args, run_name: str, flag: str = "--run-name") -> str:
     return shlex.join(["genseg", *out, flag, run_name])
 
 
-def _mark_interrupted(experiment: str, run_name: str) -> None:
+def _mark_interrupted(experiment: str, run_name: str, job: str) -> None:
     """Best effort: the MLflow run of an interrupted training says KILLED, not RUNNING forever."""
     try:
         import mlflow
@@ -592,7 +592,7 @@ def _mark_interrupted(experiment: str, run_name: str) -> None:
         from genseg import tracking
 
         exp = mlflow.get_experiment_by_name(experiment)
-        run = tracking.find_run(exp.experiment_id, run_name) if exp is not None else None
+        run = tracking.find_run(exp.experiment_id, run_name, job) if exp is not None else None
         if run is not None and run.info.status == "RUNNING":
             MlflowClient().set_terminated(run.info.run_id, status="KILLED")
     except Exception:   # the store may be what was interrupted; resuming sets the status again

@@ -257,7 +257,7 @@ def _log_child(ctx: dict, run_name: str, params: dict, metrics: dict, trial_id: 
     exp = tracking.experiment_id(ctx["experiment"], ctx["rt"]["workdir"])
     run_id, _ = tracking.start_or_resume_run(exp, run_name, params, tags={
         PARENT_TAG: ctx["parent_run_id"], TUNE_TAG: ctx["name"], "genseg.tune.trial": trial_id,
-        "genseg.job": "tune sampling trial"})
+        tracking.JOB_TAG: "tune sampling trial"})
     client = MlflowClient()
     for k, v in metrics.items():
         if isinstance(v, (int, float)) and math.isfinite(v):
@@ -761,14 +761,14 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
 
         for name in ("ray.tune", "ray.train", "ray.data"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    tracking.setup(rt.workdir, rt.tracking_uri)
+    store = tracking.setup(rt.workdir, rt.tracking_uri)
     exp_id = tracking.experiment_id(experiment, rt.workdir)
     params = {"stages": ",".join(opts.stages), "search": opts.search, "samples": opts.samples,
               "data": str(Path(opts.data).resolve()),
               **{f"space.{s}": json.dumps(opts.spaces[s].to_dict()) for s in opts.stages}}
     if "sampling" in opts.stages:
         params["objective"] = opts.objective.describe()
-    parent, resumed = tracking.start_or_resume_run(exp_id, opts.name, params, tags={"genseg.job": f"tune {task}"})
+    parent, resumed = tracking.start_or_resume_run(exp_id, opts.name, params, tags={tracking.JOB_TAG: f"tune {task}"})
     client = MlflowClient()
     print(f"{'resuming' if resumed else 'starting'} search '{opts.name}' (MLflow run {parent}, experiment "
           f"{experiment}); stages: {', '.join(opts.stages)}")
@@ -829,11 +829,16 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
             out["registered"] = None
             print("nothing registered: the tuned model keeps its own sampling settings")
         elif "registered" in state:
-            out["registered"] = state["registered"]
-            print(f"already registered by an earlier run of '{opts.name}': {state['registered']['name']} version "
-                  f"{state['registered']['version']}")
+            reg = out["registered"] = state["registered"]
+            out["registered_earlier"] = True
+            # in the MLflow store of the run that registered it, which a rerun may not track to
+            there = "" if _registered_here(client, reg) else (
+                f" in another MLflow store ({reg.get('store', 'not recorded')}), not in {tracking.display_uri(store)}")
+            print(f"already registered by an earlier run of '{opts.name}'{there}: {reg['name']} version "
+                  f"{reg['version']}")
         else:
-            reg = promote(task, model_dir, opts, rt, model_run, sampling)
+            reg = {**promote(task, model_dir, opts, rt, model_run, sampling), "run_id": model_run,
+                   "store": tracking.display_uri(store)}
             state["registered"] = out["registered"] = reg
             _save_state(rt, opts.name, state)
         out["best_sampling"] = sampling
@@ -843,6 +848,18 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
         client.set_terminated(parent, "KILLED")
         raise
     return out
+
+
+def _registered_here(client, reg: dict) -> bool:
+    """Whether the model version a search registered is in the store this run tracks to: there, and
+    made from the same MLflow run (where the record says which; older records do not)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version(reg["name"], str(reg["version"]))
+    except MlflowException:
+        return False
+    return reg.get("run_id") in (None, mv.run_id)
 
 
 def tuned_model(stage: dict, opts: TuneOptions, must_exist: bool) -> Path:
@@ -893,7 +910,7 @@ def format_summary(out: dict) -> str:
             lines.append(f"best {stage} trial {b['trial_id']}: {b['params']} -> {s['metric']} "
                          f"{b['metrics'].get(s['metric']):.4g}")
     reg = out.get("registered")
-    if reg:
+    if reg and not out.get("registered_earlier"):     # else run() said so ("already registered ...")
         lines.append(f"registered {reg['name']} version {reg['version']}"
                      + (" as champion" if reg["champion"] else f"; the champion stays version {reg['previous_champion']}")
                      + f": {reg['reason']}")

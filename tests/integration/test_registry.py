@@ -207,3 +207,30 @@ def test_a_bad_margin_is_refused_before_a_training_run_starts(tmp_path):
         train_seg.run(str(data), SegConfig(width=8, batch_size=2), rt, workers=1, run_name="m",
                       champion_margin=-0.01)
     assert list(wd.iterdir()) == []
+
+
+def test_a_search_and_a_training_run_with_one_name_are_two_mlflow_runs(tmp_path, monkeypatch):
+    """`tune seg --name x` and `train seg --run-name x` in one experiment: each reruns its own MLflow
+    run, and neither resumes (logs into) the other's.  A run from before runs named their job is
+    still found by either."""
+    from mlflow.tracking import MlflowClient
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
+    tracking.setup(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.experiment_id("genseg-seg", tmp_path)
+    job = tracking.JOB_TAG
+
+    train, resumed = tracking.start_or_resume_run(exp, "x", {"lr": 1}, tags={job: "train seg"})
+    assert not resumed
+    search, resumed = tracking.start_or_resume_run(exp, "x", {"space": "s"}, tags={job: "tune seg"})
+    assert not resumed and search != train
+    assert tracking.start_or_resume_run(exp, "x", {"space": "s"}, tags={job: "tune seg"}) == (search, True)
+    assert tracking.start_or_resume_run(exp, "x", {"lr": 1}, tags={job: "train seg"}) == (train, True)
+    assert "space" not in MlflowClient().get_run(train).data.params       # nothing of the search in it
+    assert tracking.find_run(exp, "x", "train seg").info.run_id == train
+    assert tracking.find_run(exp, "x", "tune seg").info.run_id == search
+
+    old = MlflowClient().create_run(exp, tags={tracking.RUN_NAME_TAG: "old"}).info.run_id   # no job tag
+    assert tracking.start_or_resume_run(exp, "old", {"lr": 1}, tags={job: "train seg"}) == (old, True)
+    assert tracking.find_run(exp, "old", "tune seg").info.run_id == old

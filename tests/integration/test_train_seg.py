@@ -30,6 +30,7 @@ def test_train_resume_register_and_eval_champion(ray_cluster, tmp_path, capsys):
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1                                            # resumed, not a second run
     run = runs[0]
+    assert run.data.tags["genseg.job"] == "train seg"               # a search named r1 is another run
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
     assert sorted(steps) == [0, 1, 2] and len(steps) == 3             # no restart at epoch 0
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]

@@ -90,7 +90,9 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     by_status = sorted(c.data.tags.get("genseg.tune.status", "?") for c in children)
     assert by_status == ["early-stopped", "finished", "finished", "finished", "finished"]
     assert sum(c.data.tags.get("genseg.job") == "tune sampling trial" for c in children) == 3
+    assert sum(c.data.tags.get("genseg.job") == "train diffusion" for c in children) == 2   # the schedule trials
     client = MlflowClient(uri)
+    assert client.get_run(res["mlflow_run_id"]).data.tags["genseg.job"] == "tune diffusion"
     stopped = next(c for c in children if c.data.tags.get("genseg.tune.status") == "early-stopped")
     assert stopped.info.status == "KILLED"
     # per-epoch metrics.  ASHA's stop reaches the trial asynchronously: with epochs of a tenth of a
@@ -110,12 +112,17 @@ def test_schedule_and_guidance_search_asha_promotion_and_resume(ray_cluster, dat
     assert main(cmd) == 0
     out = capsys.readouterr().out
     assert out.count("not searched again") == 2 and "already registered" in out
+    assert "another MLflow store" not in out and "\nregistered " not in out     # nor as if registered now
     assert len(_runs(uri, "genseg-diffusion", res["mlflow_run_id"])) == 5
     # ... and nothing is logged again to the search's run
     assert len(client.get_metric_history(res["mlflow_run_id"], "sampling.best.objective")) == 1
     # ... unless the search's run is not found (tracked elsewhere): the new run gets each stage's best
     elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    capsys.readouterr()
     assert main([*cmd[:-1], str(tmp_path / "elsewhere.json"), "--tracking-uri", elsewhere]) == 0
+    # ... and says its winner was registered in the search's own store, not in this one
+    assert (f"already registered by an earlier run of 't' in another MLflow store ({uri}), not in {elsewhere}: "
+            f"genseg-diffusion version {res['registered']['version']}") in capsys.readouterr().out
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):   # mlflow exported them: the commands below
         monkeypatch.delenv(var, raising=False)                   # track where the search did
     moved = json.loads((tmp_path / "elsewhere.json").read_text())
