@@ -6,7 +6,7 @@
 # base recipe, paired by seed, photometric augmentation on top of twice the epochs, and instance
 # normalisation in the early layers (IBN-Net).
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 490 minutes on 2 cores (the paired-seed searches at the end, about 420 of them).
+# About 525 minutes on 2 cores (the paired-seed searches at the end, about 455 of them).
 # Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
@@ -16,13 +16,17 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 SHARDS=$WD/shards
 [ -f "$SHARDS/manifest.json" ] || $G prepare --source camvid --root "$ROOT" --splits train,val --out "$SHARDS" \
     --workdir "$WD" --holdout 0006R0
-search() {   # search NAME SPACE [--set ...]: one grid over bench/configs/SPACE.yaml on the screen's base recipe
+# search NAME SPACE [--set ...]: one grid over bench/configs/SPACE.yaml on the screen's base recipe, its
+# summary in bench/results/tune_holdout_NAME.json.  The search is named screen-NAME, or SEARCH_NAME
+# where given: the names the searches of bench/README.md ran under, so that rerunning this script into
+# their workdir finds each one finished instead of searching again
+search() {
   local name=$1 space=$2; shift 2
   $G tune seg --data "$SHARDS" --config bench/configs/camvid_screen_cpu.yaml --class-weights inv-sqrt \
-      --space "bench/configs/$space.yaml" --max-concurrent 2 --grace-epochs 20 --name "screen-$name" \
+      --space "bench/configs/$space.yaml" --max-concurrent 2 --grace-epochs 20 --name "${SEARCH_NAME:-screen-$name}" \
       --workdir "$WD" --json "bench/results/tune_holdout_$name.json" "$@"
 }
-search weights_loss tune_seg_holdout
+SEARCH_NAME=screen-weights-loss search weights_loss tune_seg_holdout
 search schedule_seed tune_seg_holdout_schedule
 search sgd tune_seg_holdout_sgd
 # test-time augmentation on the champion (the best trial of the searches): plain, flip, scales, both
@@ -46,23 +50,42 @@ search scale_wide tune_seg_holdout_seeds --set scale_min=0.25 --set scale_max=1.
 # training length: 40 epochs instead of 20 (the poly schedule stretched to match) at seeds 0-2
 search epochs40 tune_seg_holdout_seeds --epochs 40 --grace-epochs 40
 # width: the compact backbone at width 64 instead of 32, at seeds 0-3 (two rounds of two trials)
-search width64 tune_seg_holdout_seeds0123 --set width=64
+SEARCH_NAME=screen-w64 search width64 tune_seg_holdout_seeds0123 --set width=64
 # photometric augmentation on top of 40 epochs, at seeds 0-3, paired with the 40-epoch arm
-search epochs40_photometric tune_seg_holdout_seeds0123 --epochs 40 --grace-epochs 40 "${PHOTO[@]}"
+SEARCH_NAME=screen-epochs40-photometric \
+  search epochs40_photometric tune_seg_holdout_seeds0123 --epochs 40 \
+    --grace-epochs 40 "${PHOTO[@]}"
 # all three (width 64, 40 epochs, photometric) at seeds 0-1, with a champion margin of one seed sd
-search width64_epochs40_photometric tune_seg_holdout_seeds01 --epochs 40 --grace-epochs 40 --set width=64 \
+SEARCH_NAME=screen-width64-epochs40-photometric \
+  search width64_epochs40_photometric tune_seg_holdout_seeds01 --epochs 40 \
+    --grace-epochs 40 --set width=64 \
     "${PHOTO[@]}" --champion-margin 0.015
-search width64_epochs40_photometric_seeds23 tune_seg_holdout_seeds23 --epochs 40 --grace-epochs 40 --set width=64 \
+SEARCH_NAME=screen-width64-epochs40-photometric-s23 \
+  search width64_epochs40_photometric_seeds23 tune_seg_holdout_seeds23 \
+    --epochs 40 --grace-epochs 40 --set width=64 \
     "${PHOTO[@]}" --champion-margin 0.015
 # 80 epochs with photometric augmentation at seeds 0-3, paired with the 40-epoch photometric arm
-search epochs80_photometric tune_seg_holdout_seeds01 --epochs 80 --grace-epochs 80 "${PHOTO[@]}" --champion-margin 0.015
-search epochs80_photometric_seeds23 tune_seg_holdout_seeds23 --epochs 80 --grace-epochs 80 "${PHOTO[@]}" \
+SEARCH_NAME=screen-epochs80-photometric \
+  search epochs80_photometric tune_seg_holdout_seeds01 --epochs 80 --grace-epochs 80 \
+    "${PHOTO[@]}" --champion-margin 0.015
+SEARCH_NAME=screen-epochs80-photometric-s23 \
+  search epochs80_photometric_seeds23 tune_seg_holdout_seeds23 --epochs 80 \
+    --grace-epochs 80 "${PHOTO[@]}" \
     --champion-margin 0.015
 # instance normalisation in the early layers (IBN-Net, --set norm=...) on the base recipe at seeds 0-3,
 # then IBN-b on top of 40 epochs + photometric at seeds 0-3, paired with that arm
 search ibn_b tune_seg_holdout_seeds0123 --set norm=ibn_b --champion-margin 0.015
 search ibn_a tune_seg_holdout_seeds0123 --set norm=ibn_a --champion-margin 0.015
-search epochs40_photometric_ibn_b tune_seg_holdout_seeds0123 --epochs 40 --grace-epochs 40 "${PHOTO[@]}" \
+SEARCH_NAME=screen-epochs40-photometric-ibn_b \
+  search epochs40_photometric_ibn_b tune_seg_holdout_seeds0123 --epochs 40 \
+    --grace-epochs 40 "${PHOTO[@]}" \
     --set norm=ibn_b --champion-margin 0.015
-# IBN-b at 40 epochs without photometric augmentation, seeds 0-1, paired with the 40-epoch arm
-search epochs40_ibn_b tune_seg_holdout_seeds01 --epochs 40 --grace-epochs 40 --set norm=ibn_b --champion-margin 0.015
+# IBN-b at 40 epochs without photometric augmentation, seeds 0-1 then 2-3, paired with the 40-epoch arm
+SEARCH_NAME=screen-epochs40-ibn_b \
+  search epochs40_ibn_b tune_seg_holdout_seeds01 --epochs 40 --grace-epochs 40 \
+    --set norm=ibn_b --champion-margin 0.015
+SEARCH_NAME=screen-epochs40_ibn_b_s23 \
+  search epochs40_ibn_b_seeds23 tune_seg_holdout_seeds23 --epochs 40 --grace-epochs 40 \
+    --set norm=ibn_b --champion-margin 0.015
+# ... and the 40-epoch arm's fourth seed (it ran at seeds 0-2), to pair with both
+search epochs40_seed3 tune_seg_holdout_seed3 --epochs 40 --grace-epochs 40 --champion-margin 0.015

@@ -26,7 +26,7 @@ ARMS = {
     "photometric 0.3": [("tune_holdout_photometric", {}, None), ("tune_holdout_photometric_seeds345", {}, None)],
     "photometric 0.5": [("tune_holdout_photometric_strong", {}, None)],
     "scale 0.25-1.0": [("tune_holdout_scale_wide", {}, None)],
-    "40 epochs": [("tune_holdout_epochs40", {}, None)],
+    "40 epochs": [("tune_holdout_epochs40", {}, None), ("tune_holdout_epochs40_seed3", {}, None)],
     "width 64": [("tune_holdout_width64", {}, None)],
     "40 epochs + photometric 0.3": [("tune_holdout_epochs40_photometric", {}, None)],
     "80 epochs + photometric 0.3": [("tune_holdout_epochs80_photometric", {}, None),
@@ -36,14 +36,15 @@ ARMS = {
     "IBN-b": [("tune_holdout_ibn_b", {}, None)],
     "IBN-a": [("tune_holdout_ibn_a", {}, None)],
     "40 epochs + photometric 0.3 + IBN-b": [("tune_holdout_epochs40_photometric_ibn_b", {}, None)],
-    "40 epochs + IBN-b": [("tune_holdout_epochs40_ibn_b", {}, None)],
+    "40 epochs + IBN-b": [("tune_holdout_epochs40_ibn_b", {}, None), ("tune_holdout_epochs40_ibn_b_seeds23", {}, None)],
 }
-# (arm, the arm it is paired with): every arm against the base, and the combination against 40 epochs alone
+# (arm, the arm it is paired with): every arm against the base, and combinations against the arms they build
+# on (or, for the two 40-epoch partners IBN-b and photometric augmentation, against each other)
 PAIRS = [*((a, "base") for a in ARMS if a != "base"), ("40 epochs + photometric 0.3", "40 epochs"),
          ("width 64 + 40 epochs + photometric 0.3", "40 epochs + photometric 0.3"),
          ("80 epochs + photometric 0.3", "40 epochs + photometric 0.3"),
          ("40 epochs + photometric 0.3 + IBN-b", "40 epochs + photometric 0.3"),
-         ("40 epochs + IBN-b", "40 epochs")]
+         ("40 epochs + IBN-b", "40 epochs"), ("40 epochs + IBN-b", "40 epochs + photometric 0.3")]
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}   # t, two-sided 95 %
 
 
