@@ -6,7 +6,7 @@
 # base recipe, paired by seed, photometric augmentation on top of twice the epochs, and instance
 # normalisation in the early layers (IBN-Net).
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 525 minutes on 2 cores (the paired-seed searches at the end, about 455 of them).
+# About 560 minutes on 2 cores (the paired-seed searches at the end, about 490 of them).
 # Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
@@ -89,3 +89,6 @@ SEARCH_NAME=screen-epochs40_ibn_b_s23 \
     --set norm=ibn_b --champion-margin 0.015
 # ... and the 40-epoch arm's fourth seed (it ran at seeds 0-2), to pair with both
 search epochs40_seed3 tune_seg_holdout_seed3 --epochs 40 --grace-epochs 40 --champion-margin 0.015
+# IBN-b in place of photometric augmentation in the best arm (width 64, 40 epochs), seeds 0-1
+search width64_epochs40_ibn_b tune_seg_holdout_seeds01 --epochs 40 --grace-epochs 40 --set width=64 \
+    --set norm=ibn_b --champion-margin 0.015

@@ -37,6 +37,7 @@ ARMS = {
     "IBN-a": [("tune_holdout_ibn_a", {}, None)],
     "40 epochs + photometric 0.3 + IBN-b": [("tune_holdout_epochs40_photometric_ibn_b", {}, None)],
     "40 epochs + IBN-b": [("tune_holdout_epochs40_ibn_b", {}, None), ("tune_holdout_epochs40_ibn_b_seeds23", {}, None)],
+    "width 64 + 40 epochs + IBN-b": [("tune_holdout_width64_epochs40_ibn_b", {}, None)],
 }
 # (arm, the arm it is paired with): every arm against the base, and combinations against the arms they build
 # on (or, for the two 40-epoch partners IBN-b and photometric augmentation, against each other)
@@ -44,7 +45,8 @@ PAIRS = [*((a, "base") for a in ARMS if a != "base"), ("40 epochs + photometric 
          ("width 64 + 40 epochs + photometric 0.3", "40 epochs + photometric 0.3"),
          ("80 epochs + photometric 0.3", "40 epochs + photometric 0.3"),
          ("40 epochs + photometric 0.3 + IBN-b", "40 epochs + photometric 0.3"),
-         ("40 epochs + IBN-b", "40 epochs"), ("40 epochs + IBN-b", "40 epochs + photometric 0.3")]
+         ("40 epochs + IBN-b", "40 epochs"), ("40 epochs + IBN-b", "40 epochs + photometric 0.3"),
+         ("width 64 + 40 epochs + IBN-b", "width 64 + 40 epochs + photometric 0.3")]
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}   # t, two-sided 95 %
 
 
