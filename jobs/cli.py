@@ -547,7 +547,7 @@ def cmd_train(args, rt) -> int:
                 extra["latent"] = args.latent
             summary = interruptible(job.run, args.data, cfg, rt, **extra, **common)
         except KeyboardInterrupt:
-            _mark_interrupted(job.TASK.experiment, run_name, f"train {job.TASK.name}")
+            _mark_interrupted(job.TASK.experiment, run_name, job.TASK.job)
             raise Interrupted(f"interrupted; run '{run_name}' keeps its checkpoints. Resume it with: "
                               f"{_resume_command(args, run_name)}") from None
     reg = summary.get("registered")

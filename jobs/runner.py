@@ -47,6 +47,11 @@ class Task:
     # versions compete only when this matches, e.g. a GAN's score on the first N val images
     scored_on: Callable[[Any], str] | None = None
 
+    @property
+    def job(self) -> str:
+        """The MLflow tag (``genseg.job``) of this task's training runs: "train seg", ..."""
+        return f"train {self.name}"
+
 
 # ------------------------------------------------------------------ worker side
 
@@ -446,7 +451,7 @@ def run(task: Task, data_dir: Path, manifest: dict, cfg: Any, rt, runtime: dict,
     exp_id = tracking.experiment_id(task.experiment, rt.workdir)
     params = {**config_lib.asdict(cfg), "data": str(data_dir), "workers": describe_workers(workers), "gpu": gpu}
     run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, params,
-                                                   tags={tracking.JOB_TAG: f"train {task.name}", **(tags or {})})
+                                                   tags={tracking.JOB_TAG: task.job, **(tags or {})})
     log(f"{'resuming' if resumed else 'starting'} {task.name} run '{run_name}' (MLflow run {run_id}), "
         f"{describe_workers(workers)} worker(s), {runtime.get('steps_per_epoch')} steps/epoch"
         + (f"; each worker keeps the train split decoded in memory after epoch 1 ({cache_mb:.0f} MB)" if cache_mb else ""))

@@ -852,13 +852,14 @@ def run(task: str, opts: TuneOptions, rt) -> dict:
 
 def _registered_here(client, reg: dict) -> bool:
     """Whether the model version a search registered is in the store this run tracks to: there, and
-    made from the same MLflow run (where the record says which; older records do not)."""
+    made from the same MLflow run (where the record says which; older records do not).  A registry
+    that fails to answer is not taken for another store."""
     from mlflow.exceptions import MlflowException
 
     try:
         mv = client.get_model_version(reg["name"], str(reg["version"]))
-    except MlflowException:
-        return False
+    except MlflowException as e:
+        return e.error_code != "RESOURCE_DOES_NOT_EXIST"
     return reg.get("run_id") in (None, mv.run_id)
 
 
