@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from genseg import config as config_lib  # noqa: E402
 from genseg import engine  # noqa: E402
 from genseg.config import SegConfig  # noqa: E402
 from genseg.data.classes import CAMVID, CAMVID_VOID  # noqa: E402
-from genseg.data.transforms import MEAN, STD, gaussian_blur  # noqa: E402
+from genseg.data.transforms import MEAN, STD, gaussian_blur, mix_batch  # noqa: E402
 from genseg.data.weighting import inverse_sqrt_weights, median_frequency_weights, parse_class_weights  # noqa: E402
 from genseg.losses import get_loss  # noqa: E402
 from genseg.metrics import ConfusionMatrix  # noqa: E402
@@ -79,10 +80,12 @@ def class_weights(text: str | None, masks: np.ndarray, k: int):
 
 
 class GpuAugment:
-    """Batched scale + crop + flip (one affine grid per image) and photometric changes, on the device."""
+    """Batched scale + crop + flip (one affine grid per image), photometric changes and (``mix``)
+    CutMix / ClassMix with the next image of the batch, on the device."""
 
     def __init__(self, cfg: SegConfig, crop: tuple[int, int], gen: torch.Generator):
         self.cfg, self.crop, self.gen = cfg, crop, gen
+        self.rng = random.Random(cfg.seed)                           # genseg's mix_batch draws from a Random
 
     def _u(self, n, lo, hi, device):
         return torch.rand(n, generator=self.gen, device="cpu").to(device) * (hi - lo) + lo
@@ -111,7 +114,7 @@ class GpuAugment:
                                align_corners=False)
         x = self.photometric(x)
         x = torch.where(inside > 0, x, torch.full_like(x, MEAN))     # padding is the mean, as RandomCrop pads
-        return (x - MEAN) / STD, m
+        return mix_batch((x - MEAN) / STD, m, cfg.mix, cfg.mix_p, self.rng, cfg.ignore_index)
 
     def photometric(self, x: torch.Tensor) -> torch.Tensor:
         cfg, b, dev = self.cfg, x.shape[0], x.device
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
     n_train = len(tr_img)
     print(f"[{args.tag}] {n_train} train / {len(va_img)} val / {len(ho_img)} holdout ({args.holdout}); "
           f"{cfg.backbone} {cfg.arch} w{cfg.width} norm {cfg.norm}, loss {cfg.loss}, weights {args.class_weights}, "
-          f"jitter {cfg.jitter} gamma {cfg.gamma} blur {cfg.blur}, {cfg.epochs} epochs x bs {cfg.batch_size}, "
+          f"jitter {cfg.jitter} gamma {cfg.gamma} blur {cfg.blur} mix {cfg.mix}, {cfg.epochs} epochs x bs {cfg.batch_size}, "
           f"lr {cfg.lr}; data loaded in {time.perf_counter() - t_start:.1f}s on {device}", flush=True)
 
     torch.manual_seed(cfg.seed)

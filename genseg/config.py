@@ -23,6 +23,7 @@ class ConfigError(InputError):
 
 
 SEG_NORMS = ("bn", "ibn_a", "ibn_b")   # the segmenter's early-layer norms (genseg.models.backbones)
+SEG_MIXES = ("none", "cutmix", "classmix")   # two-sample mixing in training (genseg.data.transforms)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class SegConfig:
     jitter: float = 0.0                  # photometric: brightness, contrast, saturation each x U(1-j, 1+j)
     gamma: float = 0.0                   # photometric: gamma exp(U(-g, g))
     blur: float = 0.0                    # photometric: probability of a Gaussian blur, sigma U(0.3, 1.5) px
+    mix: str = "none"                    # none | cutmix | classmix: a sample takes a region of the next one
+    mix_p: float = 0.5                   # probability that a sample is mixed (with mix set)
     # evaluation / logging
     infer_scale: float = 1.0             # run the model at this scale, resize logits back
     select_on: str = "val"               # the split whose mIoU picks the best checkpoint and the champion
@@ -73,12 +76,13 @@ class SegConfig:
         _check_choice(self, "optimizer", ("adamw", "sgd"))
         _check_choice(self, "schedule", ("poly", "cosine", "constant"))
         _check_choice(self, "amp", ("bf16", "fp16", "none"))
+        _check_choice(self, "mix", SEG_MIXES)
         for name in ("epochs", "batch_size", "width"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"config field 'lr' must be > 0, got {self.lr}")
-        for name, top in (("jitter", 0.9), ("gamma", 1.0), ("blur", 1.0)):
+        for name, top in (("jitter", 0.9), ("gamma", 1.0), ("blur", 1.0), ("mix_p", 1.0)):
             v = getattr(self, name)
             if not 0 <= v <= top:
                 raise ConfigError(f"config field '{name}' must be between 0 and {top}, got {v}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from genseg import rng as rng_lib
 from genseg.data.shards import COLUMNS, decode_batch
-from genseg.data.transforms import to_tensors, train_transforms
+from genseg.data.transforms import mix_batch, to_tensors, train_transforms
 from genseg.errors import InputError
 from genseg.losses import get_loss
 from genseg.metrics import ConfusionMatrix
@@ -64,12 +64,14 @@ def class_weights(cfg) -> torch.Tensor | None:
 
 def train_batches(batches: Iterable[dict], cfg, crop: tuple[int, int], rng: random.Random
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Columnar shard batches -> augmented ``images (B, 3, h, w)``, ``masks (B, h, w)``."""
+    """Columnar shard batches -> augmented ``images (B, 3, h, w)``, ``masks (B, h, w)``: each sample
+    transformed alone, then (``cfg.mix``) mixed with the next one of its batch."""
     tf = train_transforms(crop, cfg.scale_min, cfg.scale_max, cfg.hflip, cfg.ignore_index,
                           cfg.jitter, cfg.gamma, cfg.blur)
     for batch in batches:
         pairs = [tf(*to_tensors(img, mask), rng) for img, mask in decode_batch(batch)]
-        yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        images, masks = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        yield mix_batch(images, masks, cfg.mix, cfg.mix_p, rng, cfg.ignore_index)
 
 
 def epoch_batches(batches: Iterable[dict], names: list[str], seed: int, epoch: int, rank: int, world: int,

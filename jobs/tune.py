@@ -57,8 +57,8 @@ SCHEDULE_FIELDS = ("schedule", "timesteps", "beta_start", "beta_end", "predictio
                    "attention", "hflip")
 SAMPLING_FIELDS = ("sampler", "steps", "guidance")
 SEG_FIELDS = ("lr", "loss", "class_weights", "crop", "weight_decay", "optimizer", "schedule", "warmup_epochs",
-              "scale_min", "scale_max", "hflip", "jitter", "gamma", "blur", "batch_size", "arch", "backbone", "width",
-              "norm", "upsample", "seed")    # seed: repeats of one recipe measure the seed-to-seed spread
+              "scale_min", "scale_max", "hflip", "jitter", "gamma", "blur", "mix", "mix_p", "batch_size", "arch",
+              "backbone", "width", "norm", "upsample", "seed")    # seed: repeats of one recipe measure the seed-to-seed spread
 SEARCHES = ("grid", "random", "tpe")
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genseg.config import SEG_MIXES
 from genseg.data.classes import IGNORE_INDEX
 
 # Images are scaled to roughly zero mean / unit variance with fixed constants (no dataset
@@ -186,3 +187,54 @@ def train_transforms(crop: tuple[int, int], scale_min: float, scale_max: float, 
     if blur > 0:
         ts.append(RandomBlur(blur))
     return Compose(ts)
+
+
+# ------------------------------------------------------------------ mixing two samples of a batch
+# Each picked sample takes a region of its partner (the next sample in the batch), image and mask
+# together, so every output pixel is one source's image pixel with that same source's label: no
+# class id is invented and none is moved away from its pixels.
+
+def cutmix_region(mask: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """A box covering U(0.25, 0.5) of the crop, anywhere in it (French et al., BMVC 2020)."""
+    h, w = mask.shape
+    area = rng.uniform(0.25, 0.5)
+    aspect = rng.uniform(0.5, 2.0)
+    bh = max(1, min(h, round((area * h * w * aspect) ** 0.5)))
+    bw = max(1, min(w, round(area * h * w / bh)))
+    top, left = rng.randint(0, h - bh), rng.randint(0, w - bw)
+    region = torch.zeros(h, w, dtype=torch.bool, device=mask.device)
+    region[top: top + bh, left: left + bw] = True
+    return region
+
+
+def classmix_region(mask: torch.Tensor, rng: random.Random, ignore_index: int) -> torch.Tensor:
+    """The pixels of half the classes (rounded up) that ``mask`` labels (Olsson et al., WACV 2021):
+    whole objects and surfaces of the partner, with their shapes, pasted over the sample."""
+    present = sorted(c for c in mask.unique().tolist() if c != ignore_index)
+    if not present:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    chosen = rng.sample(present, (len(present) + 1) // 2)
+    return torch.isin(mask, torch.tensor(chosen, dtype=mask.dtype, device=mask.device))
+
+
+def mix_batch(images: torch.Tensor, masks: torch.Tensor, kind: str, p: float, rng: random.Random,
+              ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images (B, 3, H, W)``, ``masks (B, H, W)``: with probability ``p`` each sample takes a
+    region of sample ``(i + 1) % B`` (as it was before any mixing) by ``kind``: ``cutmix`` (a box) or
+    ``classmix`` (the pixels of half the partner's classes).  ``none``, ``p = 0`` or a batch of one
+    return the batch unchanged."""
+    if kind not in SEG_MIXES:
+        raise ValueError(f"unknown mix {kind!r}; expected one of {', '.join(SEG_MIXES)}")
+    b = images.shape[0]
+    if kind == "none" or p <= 0 or b < 2:
+        return images, masks
+    out_i, out_m = images.clone(), masks.clone()
+    for i in range(b):
+        if rng.random() >= p:
+            continue
+        j = (i + 1) % b
+        region = (cutmix_region(masks[j], rng) if kind == "cutmix"
+                  else classmix_region(masks[j], rng, ignore_index))
+        out_i[i][:, region] = images[j][:, region]
+        out_m[i][region] = masks[j][region]
+    return out_i, out_m

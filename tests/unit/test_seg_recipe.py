@@ -12,8 +12,8 @@ from PIL import Image
 
 from genseg import engine
 from genseg.config import ConfigError, SegConfig
-from genseg.data.transforms import (ColorJitter, RandomBlur, RandomGamma, denormalize, gaussian_blur, to_tensors,
-                                    train_transforms)
+from genseg.data.transforms import (ColorJitter, RandomBlur, RandomGamma, denormalize, gaussian_blur, mix_batch,
+                                    to_tensors, train_transforms)
 from genseg.losses import get_loss, ohem_cross_entropy
 from genseg.viz import error_map, quad
 from pipelines import sources
@@ -165,6 +165,114 @@ def test_photometric_settings_are_bounded():
         SegConfig(jitter=1.5)
     with pytest.raises(ConfigError, match="'blur' must be between 0 and 1"):
         SegConfig(blur=-0.1)
+
+
+# ------------------------------------------------------------------ mixing two samples (CutMix, ClassMix)
+
+def _tagged_batch(b=4, h=24, w=32, k=5, seed=0):
+    """Masks of random blocks (ignore along the top rows); each image carries its own labels in
+    channel 0 and its sample index in channel 1, so every output pixel says where it came from."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.randint(0, k, (b, h // 4, w // 4), generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    masks[:, :2] = 255
+    images = torch.stack([masks.float(), torch.arange(b).float()[:, None, None].expand(b, h, w),
+                          torch.zeros(b, h, w)], dim=1)
+    return images, masks
+
+
+@pytest.mark.parametrize("kind", ["cutmix", "classmix"])
+def test_mixing_moves_image_and_label_pixels_together_from_the_next_sample(kind):
+    images, masks = _tagged_batch()
+    for seed in range(5):
+        out_i, out_m = mix_batch(images, masks, kind, 1.0, random.Random(seed))
+        assert torch.equal(out_i[:, 0].long(), out_m)                    # each label stays with its pixel
+        assert set(out_m.unique().tolist()) <= set(masks.unique().tolist())
+        b = images.shape[0]
+        for i in range(b):
+            source = out_i[i, 1].long()
+            j = (i + 1) % b
+            taken = source == j
+            # only the sample itself and its partner as it was before mixing (never a mixed partner)
+            assert bool(((source == i) | taken).all())
+            assert taken.any() and not taken.all(), (kind, seed, i)
+            assert torch.equal(out_m[i][taken], masks[j][taken]) and torch.equal(out_m[i][~taken], masks[i][~taken])
+    assert torch.equal(images[:, 1, 0, 0], torch.arange(4).float())     # the inputs are not written to
+
+
+def test_classmix_pastes_whole_classes_half_of_them_and_never_the_ignored_pixels():
+    images, masks = _tagged_batch(k=6)
+    out_i, out_m = mix_batch(images, masks, "classmix", 1.0, random.Random(3))
+    for i in range(4):
+        j = (i + 1) % 4
+        taken = out_i[i, 1].long() == j
+        present = [c for c in masks[j].unique().tolist() if c != 255]
+        pasted = [c for c in present if taken[masks[j] == c].any()]
+        for c in pasted:                                                 # every pixel of a chosen class
+            assert bool(taken[masks[j] == c].all()), c
+        assert len(pasted) == (len(present) + 1) // 2
+        assert not taken[masks[j] == 255].any()
+
+
+def test_cutmix_pastes_one_box_of_a_quarter_to_a_half_of_the_crop():
+    images, masks = _tagged_batch(h=40, w=48)
+    for seed in range(8):
+        out_i, _ = mix_batch(images, masks, "cutmix", 1.0, random.Random(seed))
+        for i in range(4):
+            taken = out_i[i, 1].long() == (i + 1) % 4
+            rows, cols = taken.any(1).nonzero()[:, 0], taken.any(0).nonzero()[:, 0]
+            box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+            assert int(taken.sum()) == int(box)                          # a filled rectangle
+            assert 0.2 * 40 * 48 <= int(box) <= 0.55 * 40 * 48
+
+
+def test_mixing_follows_its_probability_and_seed():
+    images, masks = _tagged_batch(b=8)
+    for kind in ("none", "cutmix", "classmix"):
+        same_i, same_m = mix_batch(images, masks, kind, 0.0, random.Random(0))
+        assert torch.equal(same_i, images) and torch.equal(same_m, masks)
+    one_i, _ = mix_batch(images[:1], masks[:1], "classmix", 1.0, random.Random(0))
+    assert torch.equal(one_i, images[:1])                                # no partner in a batch of one
+    mixed = [int(((mix_batch(images, masks, "cutmix", 0.5, random.Random(s))[0][:, 1]
+                   != images[:, 1]).flatten(1).any(1)).sum()) for s in range(40)]
+    assert any(0 < n < 8 for n in mixed)                                 # decided per sample, not per batch
+    assert 3.0 <= sum(mixed) / len(mixed) <= 5.0                         # about half of the 8 samples
+    a = mix_batch(images, masks, "classmix", 0.5, random.Random(7))
+    b = mix_batch(images, masks, "classmix", 0.5, random.Random(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_the_config_switches_mixing_on_in_training_batches():
+    """``mix`` reaches the training batches: each sample is mixed only with its batch's own
+    augmented samples (those of the same seed without mixing), labels moving with their pixels."""
+    from genseg.data.shards import encode_row
+
+    rows = []
+    for r in range(4):
+        image, mask = _pattern()
+        mask = (mask + r) % 6                                            # four different label maps
+        rows.append(encode_row(f"r{r}", (30 + 40 * mask[..., None].repeat(3, 2)).astype(np.uint8), mask))
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+
+    def run(**mix):
+        cfg = SegConfig(num_classes=6, scale_min=1.0, scale_max=1.0, hflip=False, **mix)
+        return next(engine.train_batches([batch], cfg, (32, 48), random.Random(0)))
+
+    x0, m0 = run()
+    x, m = run(mix="classmix", mix_p=1.0)
+    assert not torch.equal(m, m0)
+    for i in range(4):
+        own, partner = m == m0[i], m == m0[(i + 1) % 4]
+        assert bool((own[i] | partner[i]).all())
+        assert torch.equal(x[i][:, own[i]], x0[i][:, own[i]])
+        took = ~own[i]
+        assert torch.equal(x[i][:, took], x0[(i + 1) % 4][:, took])
+
+
+def test_mix_settings_are_checked():
+    with pytest.raises(ConfigError, match="'mix'.*mixup"):
+        SegConfig(mix="mixup")
+    with pytest.raises(ConfigError, match="'mix_p' must be between 0 and 1"):
+        SegConfig(mix="cutmix", mix_p=1.5)
 
 
 # ------------------------------------------------------------------ class weights
@@ -346,7 +454,8 @@ OTHER_VALUES = {"arch": "fcn16s", "backbone": "resnet18", "width": 16, "norm": "
                 "num_classes": 5, "ignore_index": 0, "loss": "dice", "class_weights": (1.0,) * 6, "epochs": 3,
                 "batch_size": 2, "lr": 0.1, "weight_decay": 0.0, "optimizer": "sgd", "schedule": "cosine",
                 "warmup_epochs": 1.0, "crop": (32, 32), "scale_min": 0.5, "scale_max": 2.0, "hflip": False,
-                "jitter": 0.3, "gamma": 0.3, "blur": 0.2, "infer_scale": 0.5, "select_on": "holdout",
+                "jitter": 0.3, "gamma": 0.3, "blur": 0.2, "mix": "classmix", "mix_p": 1.0, "infer_scale": 0.5,
+                "select_on": "holdout",
                 "image_every": 5, "seed": 3, "amp": "none", "threads_per_worker": 1}
 
 
