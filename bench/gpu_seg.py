@@ -7,8 +7,8 @@ to measure what moves the holdout figure.
 
 The whole data set lives on the GPU (uint8), and augmentation runs there in batches: one affine
 resample per image does the random scale, the crop and the flip, with the image bilinear and the labels
-nearest on the same grid (so they stay aligned), then the photometric jitter, gamma and blur of
-``genseg.data.transforms``.  Every ``--eval-every`` epochs it scores val (CamVid's, all 0016E5) and the
+nearest on the same grid (so they stay aligned), then the photometric jitter, gamma and blur, and
+(``mix``) CutMix or ClassMix, of ``genseg.data.transforms``.  Every ``--eval-every`` epochs it scores val (CamVid's, all 0016E5) and the
 holdout split (the training frames of the ``--holdout`` sequences, never trained on) at full
 resolution, logits resized to the label before the argmax, as ``genseg eval seg`` does.  At the end:
 flip test-time augmentation of the last model and of the model best on holdout, per-class IoU, and a

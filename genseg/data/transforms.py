@@ -235,6 +235,6 @@ def mix_batch(images: torch.Tensor, masks: torch.Tensor, kind: str, p: float, rn
         j = (i + 1) % b
         region = (cutmix_region(masks[j], rng) if kind == "cutmix"
                   else classmix_region(masks[j], rng, ignore_index))
-        out_i[i][:, region] = images[j][:, region]
-        out_m[i][region] = masks[j][region]
+        out_i[i] = torch.where(region, images[j], out_i[i])
+        out_m[i] = torch.where(region, masks[j], out_m[i])
     return out_i, out_m

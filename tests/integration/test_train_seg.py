@@ -136,12 +136,15 @@ def test_holdout_split_select_on_it_and_evaluate_it(ray_cluster, tmp_path, capsy
     capsys.readouterr()
     assert main(["train", "seg", "--data", data, "--workers", "1", "--epochs", "4", "--select-on", "holdout",
                  "--run-name", "h", "--workdir", wd, "--json", str(tmp_path / "s.json"), *TINY, "--lr", "0.01",
-                 "--set", "jitter=0.2", "--set", "gamma=0.2", "--set", "blur=0.2", "--set", "loss=ohem_dice"]) == 0
+                 "--set", "jitter=0.2", "--set", "gamma=0.2", "--set", "blur=0.2", "--set", "loss=ohem_dice",
+                 "--set", "mix=classmix"]) == 0
     out = capsys.readouterr().out
     assert "holdout mIoU" in out and "registered" in out
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["score"] == "holdout_miou"
     client = MlflowClient(summary["tracking_uri"])
+    params = client.get_run(summary["mlflow_run_id"]).data.params
+    assert (params["mix"], params["mix_p"], params["loss"]) == ("classmix", "0.5", "ohem_dice")
     hist = {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], "holdout_miou")}
     val_hist = {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], "val_miou")}
     assert sorted(hist) == sorted(val_hist) == [0, 1, 2, 3]
