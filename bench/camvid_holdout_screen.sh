@@ -4,9 +4,9 @@
 # resolution, 20 epochs, two one-thread trials at a time), the winner's test-time augmentation, and
 # photometric augmentation, a wider scale range, twice the epochs and twice the width against the
 # base recipe, paired by seed, photometric augmentation on top of twice the epochs, and instance
-# normalisation in the early layers (IBN-Net).
+# normalisation in the early layers (IBN-Net), and mixing two training images (CutMix, ClassMix).
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 560 minutes on 2 cores (the paired-seed searches at the end, about 490 of them).
+# About 650 minutes on 2 cores (the paired-seed searches at the end, about 580 of them).
 # Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
@@ -92,3 +92,13 @@ search epochs40_seed3 tune_seg_holdout_seed3 --epochs 40 --grace-epochs 40 --cha
 # IBN-b in place of photometric augmentation in the best arm (width 64, 40 epochs), seeds 0-1
 search width64_epochs40_ibn_b tune_seg_holdout_seeds01 --epochs 40 --grace-epochs 40 --set width=64 \
     --set norm=ibn_b --champion-margin 0.015
+SEARCH_NAME=screen-width64-epochs40-ibn_b-s23 \
+  search width64_epochs40_ibn_b_seeds23 tune_seg_holdout_seeds23 --epochs 40 --grace-epochs 40 \
+    --set width=64 --set norm=ibn_b --champion-margin 0.015
+# mixing two training images (--set mix=...: CutMix's box, ClassMix's half of the classes), each
+# sample with probability 0.5, on the base recipe at seeds 0-3, paired with the base
+search classmix tune_seg_holdout_seeds0123 --set mix=classmix --champion-margin 0.015
+search cutmix tune_seg_holdout_seeds0123 --set mix=cutmix --champion-margin 0.015
+# the base's seeds 0-1 once more: on another machine or in another session, how far the pairing with
+# the base rows above can be trusted (bench/README.md: a rerun gave -0.2 and +0.5 on the holdout)
+SEARCH_NAME=screen-base-rerun01 search base_rerun01 tune_seg_holdout_seeds01 --champion-margin 0.015

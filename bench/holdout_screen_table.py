@@ -6,6 +6,12 @@
 Per trial, from the trial's MLflow run: holdout mIoU at the last epoch, the mean of the last three
 epochs (the curves swing by several points from epoch to epoch, so the last epoch alone is noisy),
 the best epoch (what --select-on picks, an optimistic figure), and val at the last epoch.
+
+With --add-to TABLE.json the rows of this call's searches join (or replace) those of an earlier
+call's --out, for searches tracked to another MLflow store than the earlier ones:
+
+    .venv/bin/python bench/holdout_screen_table.py --workdir bench/runs/camvid-holdout \
+        bench/results/tune_holdout_classmix.json --add-to bench/results/tune_holdout_screen_table.json
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ def main() -> None:
     ap.add_argument("summaries", nargs="+", help="--json files of `genseg tune seg`")
     ap.add_argument("--workdir", required=True, help="the searches' --workdir (its mlflow.db)")
     ap.add_argument("--out", help="also write the rows as JSON here")
+    ap.add_argument("--add-to", help="an earlier --out: this call's rows replace those of the same searches "
+                                     "in it, join the others, and the whole is written back")
     args = ap.parse_args()
     from mlflow.tracking import MlflowClient
 
@@ -48,6 +56,12 @@ def main() -> None:
                       f"{row['holdout_best']:.1f} ({row['best_epoch']}) | {row['val_last']:.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
+    if args.add_to:
+        table = Path(args.add_to)
+        searches = {Path(p).stem for p in args.summaries}
+        kept = [r for r in json.loads(table.read_text()) if r["search"] not in searches]
+        table.write_text(json.dumps(kept + rows, indent=2))
+        print(f"{table}: {len(kept)} earlier row(s) kept, {len(rows)} from these searches")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 twice the epochs, twice the width; photometric augmentation on top of twice the epochs, paired
 with twice the epochs alone; twice the width on top of both, and four times the epochs with
 photometric augmentation, each paired with twice the epochs and photometric augmentation; instance
-normalisation in the early layers (IBN-a, IBN-b).
+normalisation in the early layers (IBN-a, IBN-b); mixing two training images (CutMix, ClassMix).
 Reads the rows that bench/holdout_screen_table.py wrote (--out).
 
     .venv/bin/python bench/seed_pairs.py bench/results/tune_holdout_screen_table.json
@@ -37,7 +37,13 @@ ARMS = {
     "IBN-a": [("tune_holdout_ibn_a", {}, None)],
     "40 epochs + photometric 0.3 + IBN-b": [("tune_holdout_epochs40_photometric_ibn_b", {}, None)],
     "40 epochs + IBN-b": [("tune_holdout_epochs40_ibn_b", {}, None), ("tune_holdout_epochs40_ibn_b_seeds23", {}, None)],
-    "width 64 + 40 epochs + IBN-b": [("tune_holdout_width64_epochs40_ibn_b", {}, None)],
+    "width 64 + 40 epochs + IBN-b": [("tune_holdout_width64_epochs40_ibn_b", {}, None),
+                                     ("tune_holdout_width64_epochs40_ibn_b_seeds23", {}, None)],
+    "ClassMix 0.5": [("tune_holdout_classmix", {}, None)],
+    "CutMix 0.5": [("tune_holdout_cutmix", {}, None)],
+    # the base's seeds 0-1 trained again on 2026-12-05 (another machine, a new store): how far a
+    # pairing across those sessions can trust the earlier base rows
+    "base, rerun": [("tune_holdout_base_rerun01", {}, None)],
 }
 # (arm, the arm it is paired with): every arm against the base, and combinations against the arms they build
 # on (or, for the two 40-epoch partners IBN-b and photometric augmentation, against each other)
