@@ -6,7 +6,7 @@
 # base recipe, paired by seed, photometric augmentation on top of twice the epochs, and instance
 # normalisation in the early layers (IBN-Net), and mixing two training images (CutMix, ClassMix).
 #   bash bench/camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]
-# About 650 minutes on 2 cores (the paired-seed searches at the end, about 580 of them).
+# About 670 minutes on 2 cores (the paired-seed searches at the end, about 600 of them).
 # Results: bench/results/tune_holdout_*.json, tta_holdout_*.json.
 set -euo pipefail
 ROOT=${1:?usage: camvid_holdout_screen.sh CAMVID_ROOT [WORKDIR]}
@@ -102,3 +102,6 @@ search cutmix tune_seg_holdout_seeds0123 --set mix=cutmix --champion-margin 0.01
 # the base's seeds 0-1 once more: on another machine or in another session, how far the pairing with
 # the base rows above can be trusted (bench/README.md: a rerun gave -0.2 and +0.5 on the holdout)
 SEARCH_NAME=screen-base-rerun01 search base_rerun01 tune_seg_holdout_seeds01 --champion-margin 0.015
+# CutMix at 40 epochs, seeds 0-1, paired with the 40-epoch arm and the 40-epoch photometric arm
+SEARCH_NAME=screen-epochs40-cutmix search epochs40_cutmix tune_seg_holdout_seeds01 --epochs 40 --grace-epochs 40 \
+    --set mix=cutmix --champion-margin 0.015

@@ -41,6 +41,7 @@ ARMS = {
                                      ("tune_holdout_width64_epochs40_ibn_b_seeds23", {}, None)],
     "ClassMix 0.5": [("tune_holdout_classmix", {}, None)],
     "CutMix 0.5": [("tune_holdout_cutmix", {}, None)],
+    "40 epochs + CutMix 0.5": [("tune_holdout_epochs40_cutmix", {}, None)],
     # the base's seeds 0-1 trained again on 2026-12-05 (another machine, a new store): how far a
     # pairing across those sessions can trust the earlier base rows
     "base, rerun": [("tune_holdout_base_rerun01", {}, None)],
@@ -52,7 +53,8 @@ PAIRS = [*((a, "base") for a in ARMS if a != "base"), ("40 epochs + photometric 
          ("80 epochs + photometric 0.3", "40 epochs + photometric 0.3"),
          ("40 epochs + photometric 0.3 + IBN-b", "40 epochs + photometric 0.3"),
          ("40 epochs + IBN-b", "40 epochs"), ("40 epochs + IBN-b", "40 epochs + photometric 0.3"),
-         ("width 64 + 40 epochs + IBN-b", "width 64 + 40 epochs + photometric 0.3")]
+         ("width 64 + 40 epochs + IBN-b", "width 64 + 40 epochs + photometric 0.3"),
+         ("40 epochs + CutMix 0.5", "40 epochs"), ("40 epochs + CutMix 0.5", "40 epochs + photometric 0.3")]
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}   # t, two-sided 95 %
 
 
